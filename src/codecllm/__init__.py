@@ -1,0 +1,17 @@
+"""codecllm: run large language models in less GPU memory without changing a weight bit."""
+
+from codecllm.codecs import EncodedTensor, decode, encode
+from codecllm.errors import CacheError, CheckpointError, CodecError, CodecllmError, ConfigError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheError",
+    "CheckpointError",
+    "CodecError",
+    "CodecllmError",
+    "ConfigError",
+    "EncodedTensor",
+    "decode",
+    "encode",
+]

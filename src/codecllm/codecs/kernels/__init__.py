@@ -1,0 +1,1 @@
+"""Triton GPU decoders. Each module imports triton lazily through `codecllm.codecs.gpu`."""

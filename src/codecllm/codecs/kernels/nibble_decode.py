@@ -1,0 +1,28 @@
+"""Triton kernel: decode `nibble` data to bf16 (escapes are patched afterwards by the caller)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _nibble_decode_kernel(sign_mantissa, codes, out, numel, base, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    rest = tl.load(sign_mantissa + offsets, mask=mask, other=0).to(tl.int32)
+    packed = tl.load(codes + (offsets >> 1), mask=mask, other=0).to(tl.int32)
+    code = (packed >> ((offsets & 1) * 4).to(tl.int32)) & 15
+    bits = ((rest & 0x80) << 8) | ((code + base) << 7) | (rest & 0x7F)
+    tl.store(out + offsets, bits.to(tl.int16), mask=mask)
+
+
+def nibble_decode(sign_mantissa: torch.Tensor, codes: torch.Tensor, base: int, numel: int) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.int16, device=sign_mantissa.device)
+    if numel:
+        block = 2048
+        _nibble_decode_kernel[(triton.cdiv(numel, block),)](
+            sign_mantissa, codes, out, numel, base, BLOCK=block, num_warps=4
+        )
+    return out.view(torch.bfloat16)

@@ -1,0 +1,87 @@
+"""Inconsistent data raises CodecError: decoders never return wrong weights for these."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import codecllm
+from codecllm.errors import CodecError
+from tests.conftest import gaussian_weights
+
+T = gaussian_weights(50_000, seed=5)
+
+
+def tampered(encoded, name, fn):
+    buffers = dict(encoded.buffers)
+    buffers[name] = fn(buffers[name].clone())
+    return dataclasses.replace(encoded, buffers=buffers)
+
+
+def shift_offset(offsets):
+    offsets[3] += 1
+    return offsets
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_huffman_bad_lane_offset(backend, monkeypatch):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    bad = tampered(codecllm.encode(T, "huffman"), "lane_offsets", shift_offset)
+    with pytest.raises(CodecError, match="lane"):
+        codecllm.decode(bad, backend=backend)
+
+
+def test_huffman_truncated_stream():
+    bad = tampered(codecllm.encode(T, "huffman"), "stream", lambda s: s[:-10])
+    with pytest.raises(CodecError, match="stream"):
+        codecllm.decode(bad)
+
+
+def test_huffman_inconsistent_code_lengths():
+    def break_kraft(lengths):
+        lengths[:] = 1
+        return lengths
+
+    bad = tampered(codecllm.encode(T, "huffman"), "code_lengths", break_kraft)
+    with pytest.raises(CodecError, match="Kraft"):
+        codecllm.decode(bad)
+
+
+def test_huffman_corrupted_stream_words_detected():
+    def scramble(stream):
+        stream[100:200] = torch.randint(-(2**31), 2**31 - 1, (100,), dtype=torch.int32)
+        return stream
+
+    bad = tampered(codecllm.encode(T, "huffman"), "stream", scramble)
+    with pytest.raises(CodecError):
+        codecllm.decode(bad)
+
+
+def test_nibble_escape_mismatch():
+    t = T.clone()
+    t[::1000] = 0.0  # zeros are outside any window: escapes
+    encoded = codecllm.encode(t, "nibble")
+    assert encoded.buffers["escape_index"].numel() >= 50
+    bad = tampered(encoded, "escape_index", lambda i: i[:-1])
+    with pytest.raises(CodecError):
+        codecllm.decode(bad)
+
+
+def test_nibble_missing_buffer():
+    encoded = codecllm.encode(T, "nibble")
+    buffers = {k: v for k, v in encoded.buffers.items() if k != "codes"}
+    with pytest.raises(CodecError, match="codes"):
+        codecllm.decode(dataclasses.replace(encoded, buffers=buffers))
+
+
+def test_zstd_corrupted_frame():
+    encoded = codecllm.encode(T, "zstd")
+
+    def flip(data):
+        data[len(data) // 2] ^= 0xFF
+        return data
+
+    with pytest.raises(CodecError):
+        codecllm.decode(tampered(encoded, "data", flip))

@@ -1,0 +1,50 @@
+import os
+
+import pytest
+import torch
+
+INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of a float tensor, for bit-exact comparison."""
+    return t.contiguous().view(INT_VIEW[t.dtype])
+
+
+def assert_bit_identical(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+    assert torch.equal(bits(a.cpu()), bits(b.cpu())), "decoded bits differ from the original"
+
+
+def random_bits(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Uniformly random bit patterns: every exponent, NaN payloads, subnormals, infinities."""
+    g = torch.Generator().manual_seed(seed)
+    width = torch.finfo(dtype).bits
+    raw = torch.randint(-(2 ** (width - 1)), 2 ** (width - 1), (n,), generator=g, dtype=torch.int64)
+    return raw.to(INT_VIEW[dtype]).view(dtype)
+
+
+def gaussian_weights(n: int, dtype=torch.bfloat16, std: float = 0.02, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * std).to(dtype)
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run Triton kernels on the CPU through the interpreter; skip when triton is missing."""
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("CODECLLM_QUIET", "1")
