@@ -1,5 +1,6 @@
 """codecllm: run large language models in less GPU memory without changing a weight bit."""
 
+from codecllm.checkpoint import compress_checkpoint, load_state_dict
 from codecllm.codecs import EncodedTensor, decode, encode
 from codecllm.errors import CacheError, CheckpointError, CodecError, CodecllmError, ConfigError
 
@@ -12,6 +13,8 @@ __all__ = [
     "CodecllmError",
     "ConfigError",
     "EncodedTensor",
+    "compress_checkpoint",
+    "load_state_dict",
     "decode",
     "encode",
 ]

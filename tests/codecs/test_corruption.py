@@ -24,10 +24,9 @@ def shift_offset(offsets):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_huffman_bad_lane_offset(backend, monkeypatch):
+def test_huffman_bad_lane_offset(backend, request):
     if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        request.getfixturevalue("triton_interpreter")
     bad = tampered(codecllm.encode(T, "huffman"), "lane_offsets", shift_offset)
     with pytest.raises(CodecError, match="lane"):
         codecllm.decode(bad, backend=backend)

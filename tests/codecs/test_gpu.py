@@ -19,3 +19,16 @@ def test_gpu_decode_bit_identical(dtype):
             out = codecllm.decode(encoded)
             assert out.device.type == "cuda"
             assert_bit_identical(out, t)
+
+
+def test_gpu_decode_detects_bad_offsets():
+    import dataclasses
+
+    from codecllm.errors import CodecError
+
+    encoded = codecllm.encode(gaussian_weights(100_000), "huffman")
+    offsets = encoded.buffers["lane_offsets"].clone()
+    offsets[5] += 3
+    bad = dataclasses.replace(encoded, buffers={**encoded.buffers, "lane_offsets": offsets}).to("cuda")
+    with pytest.raises(CodecError, match="lane"):
+        codecllm.decode(bad)

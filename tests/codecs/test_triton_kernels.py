@@ -19,7 +19,7 @@ def test_every_bf16_bit_pattern_triton(codec):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 4099])
 def test_triton_matches_reference(dtype, n):
-    for i, t in enumerate([gaussian_weights(n, dtype, seed=n), random_bits(n, dtype, seed=n + 1)]):
+    for t in (gaussian_weights(n, dtype, seed=n), random_bits(n, dtype, seed=n + 1)):
         for codec in codecs_for(dtype):
             if codec == "zstd":
                 continue

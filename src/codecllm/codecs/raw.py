@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from codecllm.codecs.base import Codec, EncodedTensor, LAYOUTS, expect_size
+from codecllm.codecs.base import LAYOUTS, Codec, EncodedTensor, expect_size
 
 
 class RawCodec(Codec):

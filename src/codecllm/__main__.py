@@ -1,0 +1,5 @@
+import sys
+
+from codecllm.cli import main
+
+sys.exit(main())
