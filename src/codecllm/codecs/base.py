@@ -98,6 +98,9 @@ class EncodedTensor:
     buffers: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     tiles: int = 1
+    # Validated, device-side pieces a decoder derives once (decode tables, widened indices), so
+    # repeated decodes of the same tensor do no host work and no device synchronisation.
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def numel(self) -> int:
@@ -126,7 +129,10 @@ class EncodedTensor:
         return first.device if first is not None else torch.device("cpu")
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> EncodedTensor:
-        """The same encoding with its buffers on `device`."""
+        """The same encoding with its buffers on `device` (itself when they are there already)."""
+        device = torch.device(device)
+        if all(_same_device(v.device, device) for v in self.buffers.values()):
+            return self
         buffers = {k: v.to(device, non_blocking=non_blocking) for k, v in self.buffers.items()}
         return EncodedTensor(self.codec, self.dtype, self.shape, buffers, self.meta, self.tiles)
 
@@ -139,6 +145,14 @@ class EncodedTensor:
             f"EncodedTensor(codec={self.codec!r}, dtype={dtype_name(self.dtype)}, "
             f"shape={self.shape}, nbytes={self.nbytes}, ratio={self.ratio:.4f}, tiles={self.tiles})"
         )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or b.index is None:
+        return True
+    return a.index == b.index
 
 
 class Codec:

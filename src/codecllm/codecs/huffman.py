@@ -173,7 +173,13 @@ class HuffmanCodec(Codec):
 
     @staticmethod
     def parts(encoded: EncodedTensor):
-        """Validated pieces shared by both decoders."""
+        """Validated pieces shared by both decoders, derived once per EncodedTensor."""
+        if "huffman" not in encoded.derived:
+            encoded.derived["huffman"] = HuffmanCodec._derive(encoded)
+        return encoded.derived["huffman"]
+
+    @staticmethod
+    def _derive(encoded: EncodedTensor):
         layout = LAYOUTS[encoded.dtype]
         numel = encoded.numel
         meta = encoded.meta
@@ -187,7 +193,7 @@ class HuffmanCodec(Codec):
         stream = expect_size(encoded, "stream", (total_bits + 31) // 32 + 1)
         offsets = expect_size(encoded, "lane_offsets", lanes)
         lengths = expect_size(encoded, "code_lengths", 1 << layout.exponent_bits)
-        table = decode_table(lengths.cpu(), code_bits)
+        table = decode_table(lengths.cpu(), code_bits).to(stream.device)
         return layout, rest, stream, offsets, table, steps, code_bits, total_bits, lanes
 
     @staticmethod
@@ -209,7 +215,7 @@ class HuffmanCodec(Codec):
         extra = torch.zeros(numel, dtype=torch.int64)
         words = stream.to(torch.int64) & 0xFFFFFFFF
         last_word = words.numel() - 2
-        table = table.to(torch.int64)
+        table = table.to("cpu", torch.int64)
         peek_mask = (1 << code_bits) - 1
         extra_mask = (1 << layout.extra_bits) - 1
         ends = torch.empty(lanes, dtype=torch.int64)
@@ -245,9 +251,7 @@ class HuffmanCodec(Codec):
         from codecllm.codecs.kernels.huffman_decode import huffman_decode
 
         layout, rest, stream, offsets, table, steps, code_bits, total_bits, lanes = self.parts(encoded)
-        out, ends = huffman_decode(
-            layout, rest, stream, offsets, table.to(stream.device), steps, code_bits, encoded.numel
-        )
+        out, ends = huffman_decode(layout, rest, stream, offsets, table, steps, code_bits, encoded.numel)
         if verify and lanes:
             self.check_ends(ends, offsets, total_bits)
         return out

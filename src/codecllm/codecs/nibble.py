@@ -75,6 +75,12 @@ class NibbleCodec(Codec):
 
     @staticmethod
     def _parts(encoded: EncodedTensor):
+        if "nibble" not in encoded.derived:
+            encoded.derived["nibble"] = NibbleCodec._derive(encoded)
+        return encoded.derived["nibble"]
+
+    @staticmethod
+    def _derive(encoded: EncodedTensor):
         numel = encoded.numel
         sign_mantissa = expect_size(encoded, "sign_mantissa", numel)
         codes = expect_size(encoded, "codes", (numel + 1) // 2)
