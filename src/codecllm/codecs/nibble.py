@@ -128,13 +128,9 @@ class NibbleCodec(Codec):
         from codecllm.codecs.kernels.nibble_decode import nibble_decode
 
         sign_mantissa, codes, escape_index, escape_exponent, base = self._parts(encoded)
-        out = nibble_decode(sign_mantissa, codes, base, encoded.numel)
         if verify:
             packed = codes.to(torch.int32)
             escape_count = int(((packed & 15) == ESCAPE).sum() + ((packed >> 4) == ESCAPE).sum())
             self._check_escapes(encoded, codes, escape_index, escape_count)
-        if escape_index.numel():
-            bits = out.view(torch.int16)
-            rest = sign_mantissa[escape_index].to(torch.int64)
-            bits[escape_index] = BF16.join(escape_exponent.to(torch.int64), rest).view(torch.int16)
+        out = nibble_decode(sign_mantissa, codes, base, encoded.numel, escape_index, escape_exponent)
         return out

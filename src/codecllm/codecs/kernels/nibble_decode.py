@@ -1,4 +1,4 @@
-"""Triton kernel: decode `nibble` data to bf16 (escapes are patched afterwards by the caller)."""
+"""Triton kernels: decode `nibble` data to bf16, then patch the escaped elements in place."""
 
 from __future__ import annotations
 
@@ -18,11 +18,34 @@ def _nibble_decode_kernel(sign_mantissa, codes, out, numel, base, BLOCK: tl.cons
     tl.store(out + offsets, bits.to(tl.int16), mask=mask)
 
 
-def nibble_decode(sign_mantissa: torch.Tensor, codes: torch.Tensor, base: int, numel: int) -> torch.Tensor:
+@triton.jit
+def _patch_escapes_kernel(sign_mantissa, escape_index, escape_exponent, out, count, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < count
+    index = tl.load(escape_index + i, mask=mask, other=0).to(tl.int64)
+    rest = tl.load(sign_mantissa + index, mask=mask, other=0).to(tl.int32)
+    exponent = tl.load(escape_exponent + i, mask=mask, other=0).to(tl.int32)
+    bits = ((rest & 0x80) << 8) | (exponent << 7) | (rest & 0x7F)
+    tl.store(out + index, bits.to(tl.int16), mask=mask)
+
+
+def nibble_decode(
+    sign_mantissa: torch.Tensor,
+    codes: torch.Tensor,
+    base: int,
+    numel: int,
+    escape_index: torch.Tensor | None = None,
+    escape_exponent: torch.Tensor | None = None,
+) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.int16, device=sign_mantissa.device)
     if numel:
         block = 2048
         _nibble_decode_kernel[(triton.cdiv(numel, block),)](
             sign_mantissa, codes, out, numel, base, BLOCK=block, num_warps=4
+        )
+    if escape_index is not None and escape_index.numel():
+        count = escape_index.numel()
+        _patch_escapes_kernel[(triton.cdiv(count, 1024),)](
+            sign_mantissa, escape_index, escape_exponent, out, count, BLOCK=1024, num_warps=4
         )
     return out.view(torch.bfloat16)
