@@ -2,7 +2,9 @@
 
 from codecllm.checkpoint import compress_checkpoint, load_state_dict
 from codecllm.codecs import EncodedTensor, decode, encode
+from codecllm.engine import Model, load
 from codecllm.errors import CacheError, CheckpointError, CodecError, CodecllmError, ConfigError
+from codecllm.weights import compress_model
 
 __version__ = "0.1.0"
 
@@ -13,6 +15,9 @@ __all__ = [
     "CodecllmError",
     "ConfigError",
     "EncodedTensor",
+    "Model",
+    "compress_model",
+    "load",
     "compress_checkpoint",
     "load_state_dict",
     "decode",

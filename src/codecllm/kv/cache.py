@@ -1,0 +1,73 @@
+"""A preallocated KV cache: O(1) append, same storage for the whole generation.
+
+Layout: k and v are each (layers, batch, kv_heads, max_len, head_dim), so a layer's slice is
+the (B, H, S, D) tensor attention kernels take, contiguous along S for each head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from codecllm.errors import CacheError
+from codecllm.models.config import ModelConfig
+
+
+def cache_bytes(config: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes a KV cache for `batch` sequences of `seq_len` tokens holds: K and V, every layer."""
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return per_token * batch * seq_len * dtype.itemsize
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+        if min(num_layers, batch, kv_heads, max_len, head_dim) <= 0:
+            raise CacheError(
+                f"KV cache dimensions must be positive: layers={num_layers}, batch={batch}, "
+                f"kv_heads={kv_heads}, max_len={max_len}, head_dim={head_dim}"
+            )
+        shape = (num_layers, batch, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # tokens stored; every layer writes the same positions in one pass
+
+    @classmethod
+    def for_config(cls, config: ModelConfig, batch: int, max_len: int,
+                   dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> KVCache:
+        return cls(config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim,
+                   dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, D) at positions [length, length + T) of `layer`, in place, and
+        return views of everything stored for that layer, these T included."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise CacheError(
+                f"KV cache is full: {self.length} tokens stored + {k.shape[2]} new > max_len {self.max_len}"
+            )
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, tokens: int) -> None:
+        """Commit the tokens the last forward pass wrote (called once per pass, after it)."""
+        self.length += tokens
+
+    def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise CacheError(f"cannot crop a cache of {self.length} tokens to {length}")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0

@@ -1,0 +1,283 @@
+"""The weight cache: which decompressed weights to keep, prefetching, and exact statistics.
+
+One cache per model (no global state). A compressed module asks `cache.get(weight, device)` at
+forward time; the root module's forward pre-hook calls `cache.begin_pass()`.
+
+Policies (`parse_policy`):
+  none        decompress at every use, free right after
+  per-pass    decompress once per forward pass, drop everything when the next pass starts
+  lru:K       keep the K most recently used across passes
+  pin:K       keep the first K weights used, for good (on a cyclic scan: hit rate K/N)
+  auto[:B]    keep weights while they fit in a byte budget B (e.g. 512MB, 0 by default) and,
+              on CUDA, decompress the next weight on a side stream while the current one computes
+  all         decompress once, keep everything
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from codecllm.codecs import EncodedTensor, decode
+from codecllm.errors import CacheError
+
+POLICIES = ("none", "per-pass", "lru:K", "pin:K", "auto[:BYTES]", "all")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str  # none | per-pass | lru | pin | auto | all
+    count: int = 0  # K for lru/pin
+    budget: int = 0  # bytes for auto
+
+    def __str__(self) -> str:
+        if self.kind in ("lru", "pin"):
+            return f"{self.kind}:{self.count}"
+        if self.kind == "auto":
+            return f"auto:{self.budget}B"
+        return self.kind
+
+
+def parse_bytes(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise CacheError(f"cannot read {text!r} as a size; write e.g. 512MB, 2GiB or 1000000")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_policy(spec: str | Policy) -> Policy:
+    """'lru:20' -> Policy('lru', count=20). Raises CacheError naming the valid forms."""
+    if isinstance(spec, Policy):
+        return spec
+    text = str(spec).strip().lower()
+    name, _, arg = text.partition(":")
+    if name in ("none", "per-pass", "all") and not arg:
+        return Policy(name)
+    if name in ("lru", "pin") and arg:
+        if not arg.isdigit():
+            raise CacheError(f"cache policy {spec!r}: {name} takes a whole number of layers, e.g. {name}:20")
+        return Policy(name, count=int(arg))
+    if name == "auto":
+        return Policy("auto", budget=parse_bytes(arg) if arg else 0)
+    raise CacheError(f"unknown cache policy {spec!r}; choose one of: {', '.join(POLICIES)}")
+
+
+class CompressedWeight:
+    """One compressed weight matrix as the cache sees it: its encoding, a key, a name."""
+
+    def __init__(self, encoded: EncodedTensor, name: str):
+        self.encoded = encoded
+        self.name = name
+        self.nbytes = encoded.original_nbytes
+
+    @property
+    def compressed_nbytes(self) -> int:
+        return self.encoded.nbytes
+
+    def decode_to(self, device: torch.device) -> torch.Tensor:
+        encoded = self.encoded
+        if encoded.device != device:
+            # Host-RAM storage: stream the compressed bytes over (pinned memory: asynchronous).
+            encoded = encoded.to(device, non_blocking=True)
+        return decode(encoded, device, verify=False)
+
+
+class WeightCache:
+    def __init__(self, policy: str | Policy = "auto", log: Callable[[str], None] | None = None,
+                 log_every: int = 50):
+        self.policy = parse_policy(policy)
+        self.log, self.log_every = log, log_every
+        self.entries: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.order: list[int] = []  # access order seen in the first pass: what to prefetch next
+        self._position: dict[int, int] = {}
+        self._weights: dict[int, CompressedWeight] = {}
+        self._prefetched: tuple[int, torch.Tensor, torch.cuda.Event] | None = None
+        self._side_stream: torch.cuda.Stream | None = None
+        self._gpu_timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.reset_stats()
+
+    # ---- statistics -------------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        self.forward_passes = self.decompressions = self.hits = self.misses = self.prefetch_hits = 0
+        self.bytes_decoded = 0
+        self.bytes_transferred = 0
+        self._cpu_decode_seconds = 0.0
+        self._gpu_timings.clear()
+        self._ops = 0
+        self._op_seconds = 0.0
+
+    @property
+    def decode_seconds(self) -> float:
+        gpu = 0.0
+        if self._gpu_timings:
+            torch.cuda.synchronize()
+            gpu = sum(s.elapsed_time(e) for s, e in self._gpu_timings) / 1e3
+        return self._cpu_decode_seconds + gpu
+
+    @property
+    def cache_bytes(self) -> int:
+        held = sum(t.numel() * t.element_size() for t in self.entries.values())
+        if self._prefetched is not None:
+            held += self._prefetched[1].numel() * self._prefetched[1].element_size()
+        return held
+
+    @property
+    def capacity(self) -> str:
+        kind = self.policy.kind
+        if kind in ("lru", "pin"):
+            return str(self.policy.count)
+        if kind == "all":
+            return str(len(self._weights) or "all")
+        if kind == "auto":
+            return f"{self.policy.budget / 1e6:.0f}MB"
+        return "0" if kind == "none" else "pass"
+
+    def stats(self) -> dict:
+        accesses = self.hits + self.misses + self.prefetch_hits
+        return {
+            "policy": str(self.policy),
+            "forward_passes": self.forward_passes,
+            "accesses": accesses,
+            "decompressions": self.decompressions,
+            "hits": self.hits,
+            "misses": self.misses,
+            "prefetch_hits": self.prefetch_hits,
+            "hit_rate": self.hits / accesses if accesses else 0.0,
+            "bytes_decoded": self.bytes_decoded,
+            "bytes_transferred": self.bytes_transferred,
+            "decode_seconds": self.decode_seconds,
+            "cache_entries": len(self.entries),
+            "cache_bytes": self.cache_bytes,
+            "compressed_layers": len(self._weights),
+        }
+
+    # ---- the protocol ---------------------------------------------------------------------------
+
+    def register(self, weight: CompressedWeight) -> int:
+        key = id(weight)
+        self._weights[key] = weight
+        return key
+
+    def begin_pass(self) -> None:
+        self.forward_passes += 1
+        if self.policy.kind == "per-pass":
+            self.entries.clear()
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._prefetched = None
+
+    def invalidate(self, weight: CompressedWeight) -> None:
+        """Forget the decompressed copy of `weight` (its encoding changed)."""
+        self.entries.pop(id(weight), None)
+        if self._prefetched is not None and self._prefetched[0] == id(weight):
+            self._prefetched = None
+
+    def get(self, weight: CompressedWeight, device: torch.device) -> torch.Tensor:
+        """The decompressed weight, from the cache or decoded now."""
+        key = id(weight)
+        if key not in self._weights:
+            self.register(weight)
+        if self.forward_passes <= 1 and key not in self._position:
+            self._position[key] = len(self.order)
+            self.order.append(key)
+        start = time.perf_counter()
+        if key in self.entries:
+            self.hits += 1
+            if self.policy.kind == "lru":
+                self.entries.move_to_end(key)
+            tensor, status = self.entries[key], "HIT"
+        elif self._prefetched is not None and self._prefetched[0] == key:
+            _, tensor, ready = self._prefetched
+            self._prefetched = None
+            torch.cuda.current_stream(device).wait_event(ready)
+            tensor.record_stream(torch.cuda.current_stream(device))
+            self.prefetch_hits += 1
+            self._store(key, tensor)
+            status = "PREFETCHED"
+        else:
+            self.misses += 1
+            tensor = self._decode(weight, device)
+            self._store(key, tensor)
+            status = "MISS"
+        self._prefetch_after(key, device)
+        self._log_op(status, time.perf_counter() - start)
+        return tensor
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _decode(self, weight: CompressedWeight, device: torch.device) -> torch.Tensor:
+        self.decompressions += 1
+        self.bytes_decoded += weight.nbytes
+        if weight.encoded.device != device:
+            self.bytes_transferred += weight.compressed_nbytes
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            tensor = weight.decode_to(device)
+            end.record()
+            self._gpu_timings.append((start, end))
+            return tensor
+        start_s = time.perf_counter()
+        tensor = weight.decode_to(device)
+        self._cpu_decode_seconds += time.perf_counter() - start_s
+        return tensor
+
+    def _store(self, key: int, tensor: torch.Tensor) -> None:
+        kind = self.policy.kind
+        if kind in ("per-pass", "all"):
+            self.entries[key] = tensor
+        elif kind == "lru":
+            if self.policy.count > 0:
+                self.entries[key] = tensor
+                while len(self.entries) > self.policy.count:
+                    self.entries.popitem(last=False)
+        elif kind == "pin":
+            if len(self.entries) < self.policy.count:
+                self.entries[key] = tensor
+        elif kind == "auto":
+            nbytes = tensor.numel() * tensor.element_size()
+            held = sum(t.numel() * t.element_size() for t in self.entries.values())
+            if held + nbytes <= self.policy.budget:
+                self.entries[key] = tensor
+
+    def _prefetch_after(self, key: int, device: torch.device) -> None:
+        """auto on CUDA, from the second pass on: decode the next weight not held, one ahead."""
+        if self.policy.kind != "auto" or device.type != "cuda" or self.forward_passes < 2 or not self.order:
+            return
+        if self._prefetched is not None:
+            return
+        position = self._position.get(key)
+        if position is None:
+            return
+        for step in range(1, len(self.order)):
+            candidate = self.order[(position + step) % len(self.order)]
+            if candidate not in self.entries:
+                break
+        else:
+            return
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device)
+        main = torch.cuda.current_stream(device)
+        with torch.cuda.stream(self._side_stream):
+            self._side_stream.wait_stream(main)
+            tensor = self._decode(self._weights[candidate], device)
+            ready = torch.cuda.Event()
+            ready.record(self._side_stream)
+        self._prefetched = (candidate, tensor, ready)
+
+    def _log_op(self, status: str, seconds: float) -> None:
+        self._ops += 1
+        self._op_seconds += seconds
+        if self.log is not None and self.log_every and self._ops % self.log_every == 0:
+            self.log(
+                f"  [Op {self._ops:5d}] {status:<4s} time={seconds * 1e3:7.2f}ms "
+                f"avg={self._op_seconds / self._ops * 1e3:7.2f}ms cache={len(self.entries)}/{self.capacity}"
+            )

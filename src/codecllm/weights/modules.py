@@ -1,0 +1,88 @@
+"""CompressedLinear and CompressedEmbedding: drop-in twins of nn.Linear / nn.Embedding that hold
+compressed bytes and ask their model's WeightCache for the decompressed weight at forward time."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codecllm.codecs import EncodedTensor, encode
+from codecllm.weights.cache import CompressedWeight, WeightCache
+
+
+class _Compressed(nn.Module):
+    def __init__(self, store: CompressedWeight, cache: WeightCache, compute_device=None):
+        super().__init__()
+        self.weight_store = store  # modules sharing a weight (tied embeddings) share this
+        self.cache = cache
+        cache.register(store)
+        self.compute_device = torch.device(compute_device) if compute_device is not None else store.encoded.device
+
+    @property
+    def encoded(self) -> EncodedTensor:
+        return self.weight_store.encoded
+
+    def decompressed_weight(self) -> torch.Tensor:
+        return self.cache.get(self.weight_store, self.compute_device)
+
+    def set_encoded(self, encoded: EncodedTensor) -> None:
+        """Replace the weight (same shape and dtype) and drop its stale decompressed copy."""
+        self.cache.invalidate(self.weight_store)
+        self.weight_store.encoded = encoded
+
+    @property
+    def compressed_nbytes(self) -> int:
+        return self.weight_store.compressed_nbytes
+
+
+class CompressedLinear(_Compressed):
+    """y = x Wᵀ + b with W held compressed. `in_features`/`out_features` as nn.Linear's."""
+
+    def __init__(self, store: CompressedWeight, bias: torch.Tensor | None, cache: WeightCache,
+                 compute_device=None):
+        super().__init__(store, cache, compute_device)
+        self.out_features, self.in_features = store.encoded.shape
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, codec: str, cache: WeightCache, name: str = "",
+                    storage: str = "gpu") -> CompressedLinear:
+        device = linear.weight.device
+        encoded = _store(encode(linear.weight.data, codec), device, storage)
+        bias = linear.bias.data if linear.bias is not None else None
+        return cls(CompressedWeight(encoded, name), bias, cache, compute_device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.decompressed_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, codec={self.encoded.codec}")
+
+
+class CompressedEmbedding(_Compressed):
+    def __init__(self, store: CompressedWeight, cache: WeightCache, padding_idx=None, compute_device=None):
+        super().__init__(store, cache, compute_device)
+        self.num_embeddings, self.embedding_dim = store.encoded.shape
+        self.padding_idx = padding_idx
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, codec: str, cache: WeightCache, name: str = "",
+                       storage: str = "gpu") -> CompressedEmbedding:
+        device = embedding.weight.device
+        encoded = _store(encode(embedding.weight.data, codec), device, storage)
+        return cls(CompressedWeight(encoded, name), cache, embedding.padding_idx, compute_device=device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.decompressed_weight(), self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, codec={self.encoded.codec}"
+
+
+def _store(encoded: EncodedTensor, device: torch.device, storage: str) -> EncodedTensor:
+    """Compressed bytes on the compute device ("gpu") or in host RAM ("cpu", pinned on CUDA)."""
+    if storage == "cpu":
+        return encoded.pin_memory() if device.type == "cuda" else encoded
+    return encoded.to(device)
