@@ -133,7 +133,8 @@ class Model:
         return self.module.named_modules()
 
     def compressed_modules(self) -> list[tuple[str, nn.Module]]:
-        return [(n, m) for n, m in self.module.named_modules() if isinstance(m, (CompressedLinear, CompressedEmbedding))]
+        kinds = (CompressedLinear, CompressedEmbedding)
+        return [(n, m) for n, m in self.module.named_modules() if isinstance(m, kinds)]
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of weights held: plain parameters, compressed bytes, and their decompressed size."""

@@ -65,7 +65,7 @@ def generate_tokens(
     max_new_tokens: int,
     *,
     max_len: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling | None = None,
     kv: bool = True,
     kv_dtype: torch.dtype | None = None,
     on_step: Callable[[int], None] | None = None,
@@ -84,6 +84,7 @@ def generate_tokens(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"maximum length {max_len}"
         )
+    sampling = sampling or Sampling()
     device = input_ids.device
     generator = None
     if sampling.seed is not None:

@@ -35,7 +35,7 @@ def hf_model(family: str):
         config = getattr(transformers, config_cls)(**COMMON, **extra)
     model = getattr(transformers, model_cls)(config).float().eval()
     with torch.no_grad():  # random biases and norms, so a bug in applying them shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
