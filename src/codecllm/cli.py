@@ -183,16 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_compare)
 
-    for register in _extra_commands:
-        register(sub)
+    from codecllm.cli_engine import register
+
+    register(sub)
     return parser
 
 
-_extra_commands: list = []
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "bench" and args.model is None:
+        args.model = "tinyllama-1.1b" if torch.cuda.is_available() else "tiny"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -41,3 +41,25 @@ def _numeric(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def environment() -> dict[str, Any]:
+    """Date, versions and devices, for result files."""
+    import datetime
+    import platform
+
+    import torch
+
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "cuda": torch.version.cuda,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info

@@ -112,6 +112,7 @@ class WeightCache:
         self._gpu_timings.clear()
         self._ops = 0
         self._op_seconds = 0.0
+        self.peak_bytes = 0  # most bytes of decompressed weights held at once, the one in use included
 
     @property
     def decode_seconds(self) -> float:
@@ -207,6 +208,8 @@ class WeightCache:
             tensor = self._decode(weight, device)
             self._store(key, tensor)
             status = "MISS"
+        transient = 0 if key in self.entries else tensor.numel() * tensor.element_size()
+        self.peak_bytes = max(self.peak_bytes, self.cache_bytes + transient)
         self._prefetch_after(key, device)
         self._log_op(status, time.perf_counter() - start)
         return tensor

@@ -1,0 +1,1 @@
+"""Benchmarks and reports behind `codecllm bench`."""

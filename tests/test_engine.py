@@ -1,0 +1,116 @@
+"""The engine's public API and command line: happy paths and clear errors."""
+
+import json
+
+import pytest
+import torch
+
+import codecllm
+from codecllm.cli import main
+from codecllm.errors import CacheError, ConfigError
+
+
+def test_unknown_config_lists_supported():
+    with pytest.raises(ConfigError, match="tinyllama-1.1b"):
+        codecllm.load("llama-9000")
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ConfigError, match="bert.*supported"):
+        codecllm.load(tmp_path)
+
+
+def test_prompt_longer_than_max_length():
+    model = codecllm.load("tiny")
+    with pytest.raises(ConfigError, match="maximum length 2048"):
+        model.generate([1] * 2040, 20)
+
+
+def test_token_outside_vocabulary():
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        codecllm.load("tiny").generate([5, 100000], 2)
+
+
+def test_policy_typo_on_load():
+    with pytest.raises(CacheError, match="lru:K"):
+        codecllm.load("tiny", cache="lru20")
+
+
+def test_input_forms_round_trip():
+    model = codecllm.load("tiny")
+    ids = [10, 20, 30]
+    as_list = model.generate(ids, 4)
+    assert isinstance(as_list, list) and len(as_list) == 4
+    assert model.generate(torch.tensor(ids), 4).tolist() == as_list
+    assert model.generate(torch.tensor([ids, ids]), 4).tolist() == [as_list, as_list]
+    assert list(model.generate(ids, 4, stream=True)) == as_list
+
+
+def test_stop_token_ends_generation():
+    model = codecllm.load("tiny")
+    first = model.generate([10, 20, 30], 6)
+    assert model.generate([10, 20, 30], 6, stop=first[1]) == first[:2]
+
+
+def test_sampling_is_seeded():
+    model = codecllm.load("tiny")
+    a = model.generate([1, 2, 3], 8, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    b = model.generate([1, 2, 3], 8, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    assert a == b
+
+
+def test_named_modules_keep_linear_features():
+    model = codecllm.load("tiny", weights="nibble")
+    linears = {n: m for n, m in model.named_modules() if type(m).__name__ == "CompressedLinear"}
+    q = linears["model.layers.0.self_attn.q_proj"]
+    assert (q.in_features, q.out_features) == (256, 256)
+
+
+def test_load_compressed_checkpoint_matches_plain(tmp_path):
+    from codecllm.models import write_random_model
+
+    plain = write_random_model("tiny", tmp_path / "m")
+    codecllm.compress_checkpoint(plain, tmp_path / "c", codec="nibble", show_progress=False)
+    a = codecllm.load(plain).generate([5, 6, 7], 5)
+    model = codecllm.load(tmp_path / "c", cache="none")
+    assert model.generate([5, 6, 7], 5) == a
+    assert model.stats()["compressed_layers"] == 30
+
+
+def test_cli_generate(capsys):
+    assert main(["generate", "tiny", "-p", "Hello", "--max-new-tokens", "4", "--weights", "nibble",
+                 "--cache", "pin:5", "--kv", "off"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Hello") and "decompressions" in captured.err
+
+
+def test_cli_generate_bad_kv(capsys):
+    assert main(["generate", "tiny", "-p", "x", "--kv", "maybe"]) == 1
+    assert "--kv takes on or off" in capsys.readouterr().err
+
+
+def test_cli_bench_summary_json_and_plots(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "tiny", "--weights", "nibble", "--policies", "none,pin:10,all", "--max-new-tokens", "3",
+                 "--json", str(out), "--plot", str(tmp_path / "plots")]) == 0
+    text = capsys.readouterr().out
+    assert "RESULTS SUMMARY" in text and "✓ Output matches baseline" in text and "✗" not in text
+    assert "Hit rate by cache size" in text and "Memory vs number of compressed blocks" in text
+    report = json.loads(out.read_text())
+    assert [p["label"] for p in report["policies"]] == ["none", "pin:10", "all"]
+    assert (tmp_path / "plots" / "hit_rate.png").exists()
+
+
+def test_chat_reads_until_eof(monkeypatch, capsys):
+    answers = iter(["hi there"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "tiny", "--max-new-tokens", "3", "--kv", "off"]) == 0
+    assert "tok/s" in capsys.readouterr().out
