@@ -86,15 +86,15 @@ def run_policies(plain: Path, compressed: Path, prompt_text: str, max_new_tokens
                  ) -> tuple[RunResult, list[RunResult], list[int]]:
     baseline_model = load(plain, device=device)
     prompt = baseline_model.encode(prompt_text) or [0]
-    if warmup:
-        baseline_model.generate(prompt, 2)
+    if warmup:  # a full-length run first: kernel loading, allocator and GPU clocks settle
+        baseline_model.generate(prompt, max_new_tokens)
     baseline = measure(baseline_model, prompt, max_new_tokens, "baseline")
     del baseline_model
     results = []
     for policy in policies:
         model = load(compressed, device=device, cache=policy, log=log)
         if warmup:
-            model.generate(prompt, 2)
+            model.generate(prompt, max_new_tokens)
             model.weight_cache.clear()
         results.append(measure(model, prompt, max_new_tokens, policy))
         del model
