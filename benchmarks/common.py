@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -13,25 +11,9 @@ from typing import Any
 
 import torch
 
+from codecllm.report import environment
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def environment() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "cuda": torch.version.cuda,
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
 
 
 def gpu_time_ms(fn: Callable[[], Any], warmup: int = 3, repeat: int = 20) -> float:

@@ -116,10 +116,8 @@ def parse_layer_spec(spec: str | None) -> list[str | tuple[int, int]] | None:
     return items
 
 
-def wants_compression(name: str, t: torch.Tensor, layers: list[str | tuple[int, int]] | None) -> bool:
-    """Default: every 2-D floating-point weight (linear and embedding layers)."""
-    if t.ndim != 2 or not t.is_floating_point() or not name.endswith("weight"):
-        return False
+def matches_layers(name: str, layers: list[str | tuple[int, int]] | None) -> bool:
+    """Whether `name` is selected: its block index is in a range, or a glob matches it."""
     if layers is None:
         return True
     block = block_index(name)
@@ -130,6 +128,13 @@ def wants_compression(name: str, t: torch.Tensor, layers: list[str | tuple[int, 
         elif fnmatch.fnmatchcase(name, item):
             return True
     return False
+
+
+def wants_compression(name: str, t: torch.Tensor, layers: list[str | tuple[int, int]] | None) -> bool:
+    """Default: every 2-D floating-point weight (linear and embedding layers)."""
+    if t.ndim != 2 or not t.is_floating_point() or not name.endswith("weight"):
+        return False
+    return matches_layers(name, layers)
 
 
 # ---- writing ---------------------------------------------------------------------------------

@@ -15,16 +15,21 @@ def write_plots(directory: str | Path, baseline, results, hit_rates, memory) -> 
     directory.mkdir(parents=True, exist_ok=True)
     written = []
 
+    def save(fig, ax, title: str, name: str) -> None:
+        ax.set_title(title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        fig.tight_layout()
+        written.append(directory / name)
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = ["baseline"] + [r.label for r in results]
     values = [baseline.tokens_per_second] + [r.tokens_per_second for r in results]
     ax.bar(labels, values, color=["#555"] + ["#2a7"] * len(results))
     ax.set_ylabel("tokens / s")
-    ax.set_title("Generation speed by weight-cache policy")
-    fig.tight_layout()
-    written.append(directory / "speed_by_policy.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    save(fig, ax, "Generation speed by weight-cache policy", "speed_by_policy.png")
 
     if hit_rates:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -35,12 +40,7 @@ def write_plots(directory: str | Path, baseline, results, hit_rates, memory) -> 
             ax.plot(sizes, [r["theory"] for r in rows], linestyle="--", label=f"{kind} theory")
         ax.set_xlabel("cache size K (layers)")
         ax.set_ylabel("hit rate")
-        ax.set_title("Hit rate on a cyclic layer scan")
-        ax.legend()
-        fig.tight_layout()
-        written.append(directory / "hit_rate.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        save(fig, ax, "Hit rate on a cyclic layer scan", "hit_rate.png")
 
     if memory:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -49,10 +49,5 @@ def write_plots(directory: str | Path, baseline, results, hit_rates, memory) -> 
         ax.plot([r["blocks"] for r in memory], [r["peak"] / 2**20 for r in memory], marker="s", label="peak")
         ax.set_xlabel("compressed blocks")
         ax.set_ylabel("MiB")
-        ax.set_title("Memory vs number of compressed blocks")
-        ax.legend()
-        fig.tight_layout()
-        written.append(directory / "memory_vs_layers.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        save(fig, ax, "Memory vs number of compressed blocks", "memory_vs_layers.png")
     return written

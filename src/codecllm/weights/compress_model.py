@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from codecllm.checkpoint import block_index, parse_layer_spec
+from codecllm.checkpoint import matches_layers, parse_layer_spec
 from codecllm.codecs import get_codec
 from codecllm.errors import ConfigError
 from codecllm.weights.cache import WeightCache
@@ -18,16 +17,7 @@ STORAGES = ("gpu", "cpu")
 
 
 def _selected(name: str, selection) -> bool:
-    if selection is None:
-        return True
-    block = block_index(name + ".")
-    for item in selection:
-        if isinstance(item, tuple):
-            if block is not None and item[0] <= block <= item[1]:
-                return True
-        elif fnmatch.fnmatchcase(name, item) or fnmatch.fnmatchcase(name + ".weight", item):
-            return True
-    return False
+    return matches_layers(name + ".weight", selection)
 
 
 def compress_model(model: nn.Module, codec: str = "huffman", layers: str | None = None, storage: str = "gpu",
