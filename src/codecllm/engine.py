@@ -28,10 +28,22 @@ class Model:
     """A loaded model. `generate` takes token ids; `encode`/`decode` map text to ids and back."""
 
     def __init__(self, module: nn.Module, config: ModelConfig, tokenizer, weight_cache: WeightCache,
-                 device: torch.device, kv: bool = True, source: str = ""):
+                 device: torch.device, kv: bool = True, source: str = "", cuda_graphs: bool | None = None):
         self.module, self.config, self.tokenizer = module, config, tokenizer
         self.weight_cache, self.device, self.kv, self.source = weight_cache, device, kv, source
         self.log: Callable[[str], None] | None = None
+        self.cuda_graphs = cuda_graphs  # None: on where it is faithful (CUDA, KV cache, graph-safe policy)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        possible = self.device.type == "cuda" and self.kv and self.weight_cache.graph_safe
+        if self.cuda_graphs and not possible:
+            raise ConfigError(
+                f"CUDA graphs need a CUDA device, kv=True and a graph-safe cache policy "
+                f"(none, per-pass, pin:K, all, fused); have device={self.device.type}, kv={self.kv}, "
+                f"cache={self.weight_cache.policy}"
+            )
+        return possible if self.cuda_graphs is None else bool(self.cuda_graphs)
 
     # ---- text ----------------------------------------------------------------------------------
 
@@ -60,12 +72,17 @@ class Model:
         steps = generate_tokens(
             self.module, ids, padding, max_new_tokens, max_len=self.config.max_position_embeddings,
             sampling=Sampling(temperature, top_k, top_p, seed), kv=self.kv, on_step=self._on_step,
+            cuda_graph=self.uses_cuda_graphs,
         )
         self._token_clock = [time.perf_counter(), time.perf_counter()]
-        iterator = self._until_stop(steps, ids.shape[0], stop_set)
         if stream:
+            iterator = self._until_stop(steps, ids.shape[0], stop_set)
             return (row[0] if form in ("list", "1d") else row for row in iterator)
-        rows = list(iterator)
+        if stop_set:
+            rows = list(self._until_stop(steps, ids.shape[0], stop_set))
+        else:  # no per-token host sync: read every token once at the end
+            collected = list(steps)
+            rows = torch.stack(collected).tolist() if collected else []
         per_sequence = [[r[b] for r in rows] for b in range(ids.shape[0])]
         per_sequence = [_cut(seq, stop_set) for seq in per_sequence]
         if form == "list":
@@ -156,13 +173,16 @@ class Model:
 
 def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          weights: str | None = None, cache: str = "auto", kv: bool = True, storage: str = "gpu",
-         layers: str | None = None, seed: int = 0, log: Callable[[str], None] | None = None) -> Model:
+         layers: str | None = None, seed: int = 0, log: Callable[[str], None] | None = None,
+         cuda_graphs: bool | None = None) -> Model:
     """Load a model from a HF-layout directory, a codecllm checkpoint, or a named config (seeded
     random weights).
 
     weights: a codec name to compress on load ('huffman', 'nibble', ...), or None for as stored.
     cache: the weight-cache policy ('none', 'per-pass', 'lru:K', 'pin:K', 'auto[:BYTES]', 'all').
     kv: use a KV cache (False recomputes the whole sequence each step).
+    cuda_graphs: replay each decode step as a CUDA graph; None = wherever that is faithful
+    (CUDA, kv=True, a cache policy that does the same work every pass).
     storage: where compressed bytes live, 'gpu' (the compute device) or 'cpu' (host RAM).
     Raises ConfigError / CheckpointError / CacheError with a one-line reason.
     """
@@ -185,7 +205,7 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
     if weights is not None:
         compress_model(module, weights, layers=layers, storage=storage, cache=weight_cache)
     tokenizer = load_tokenizer(directory, config.vocab_size, config.bos_token_id, config.eos_token_id)
-    model = Model(module, config, tokenizer, weight_cache, device, kv, str(path_or_config))
+    model = Model(module, config, tokenizer, weight_cache, device, kv, str(path_or_config), cuda_graphs)
     model.log = log
     return model
 

@@ -69,10 +69,13 @@ def generate_tokens(
     kv: bool = True,
     kv_dtype: torch.dtype | None = None,
     on_step: Callable[[int], None] | None = None,
+    cuda_graph: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """Yield (B,) new token ids, one step at a time.
+    """Yield (B,) new token ids (on the model's device), one step at a time.
 
     input_ids, padding: (B, T), left-padded; max_len: the model's position limit.
+    cuda_graph: capture one decode step as a CUDA graph and replay it (needs kv; the first
+    token comes from an eager prefill).
     """
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
@@ -100,6 +103,10 @@ def generate_tokens(
     logits = model(tokens, positions, causal_mask(padding, prompt_len, prompt_len, device), cache)
     if cache is not None:
         cache.advance(prompt_len)
+    if cuda_graph and cache is not None and max_new_tokens > 1:
+        yield from _graphed_decode(model, cache, padding, positions, logits, max_new_tokens, sampling, generator,
+                                   on_step)
+        return
     for step in range(max_new_tokens):
         next_token = sample(logits[:, -1], sampling, generator)
         yield next_token
@@ -118,3 +125,65 @@ def generate_tokens(
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             positions = positions_of(mask_padding)
             logits = model(tokens, positions, causal_mask(mask_padding, total, total, device), None)
+
+
+def _graphed_decode(model, cache, padding, positions, logits, max_new_tokens, sampling, generator, on_step):
+    """Decode with one step captured as a CUDA graph: token, positions and the cache slot live in
+    static device buffers and advance inside the graph, so greedy decoding needs no host sync."""
+    batch, prompt_len = padding.shape
+    device = padding.device
+    weight_cache = getattr(model, "weight_cache", None)
+    greedy = sampling.temperature == 0
+    token = sample(logits[:, -1], sampling, generator).view(batch, 1).clone()
+    position = (positions[:, -1:] + 1).clone()
+    slot = torch.tensor([prompt_len], device=device)
+    full_padding = torch.ones(batch, cache.max_len, dtype=torch.bool, device=device)
+    full_padding[:, :prompt_len] = padding
+    columns = torch.arange(cache.max_len, device=device)
+    cache.slot = slot
+    out = {}
+
+    def step():
+        mask = (columns <= slot)[None, None, None, :] & full_padding[:, None, None, :]
+        out["logits"] = model(token, position, mask, cache)[:, -1]
+        if greedy:
+            token.copy_(out["logits"].argmax(-1, keepdim=True))
+        position.add_(1)
+        slot.add_(1)
+
+    saved = (token.clone(), position.clone(), slot.clone())
+    counters = weight_cache.counters() if weight_cache is not None else None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile kernels, fill caches, settle the allocator
+            step()
+            for buffer, value in zip((token, position, slot), saved):
+                buffer.copy_(value)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    before_capture = weight_cache.counters() if weight_cache is not None else None
+    with torch.cuda.graph(graph):
+        step()
+    if weight_cache is not None:  # count replays only: one captured pass's work per replay
+        per_pass = {k: v - before_capture[k] for k, v in weight_cache.counters().items()}
+        for name, value in counters.items():
+            setattr(weight_cache, name, value)
+    for buffer, value in zip((token, position, slot), saved):
+        buffer.copy_(value)
+
+    try:
+        yield token.view(-1).clone()
+        if on_step is not None:
+            on_step(0)
+        for i in range(1, max_new_tokens):
+            graph.replay()
+            if weight_cache is not None:
+                weight_cache.add_counters(per_pass)
+            if not greedy:
+                token.copy_(sample(out["logits"], sampling, generator).view(batch, 1))
+            yield token.view(-1).clone()
+            if on_step is not None:
+                on_step(i)
+    finally:
+        cache.slot = None

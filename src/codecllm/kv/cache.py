@@ -31,6 +31,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0  # tokens stored; every layer writes the same positions in one pass
+        # Static mode (CUDA graphs): the write position is a device tensor `slot`, attention reads
+        # all max_len positions and a mask hides the ones not written yet.
+        self.slot: torch.Tensor | None = None
 
     @classmethod
     def for_config(cls, config: ModelConfig, batch: int, max_len: int,
@@ -44,7 +47,12 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, D) at positions [length, length + T) of `layer`, in place, and
-        return views of everything stored for that layer, these T included."""
+        return views of everything stored for that layer, these T included. In static mode,
+        write one token at `slot` and return the whole buffers."""
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise CacheError(

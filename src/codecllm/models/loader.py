@@ -44,7 +44,8 @@ def load_weights(model: nn.Module, config: ModelConfig, directory: Path | None, 
                  dtype: torch.dtype | None, cache: WeightCache, seed: int = 0) -> int:
     """Fill `model` (built on the meta device) in place. Returns the number of compressed modules."""
     if directory is None:
-        state = random_state_dict(config, seed, device="cpu", dtype=dtype)
+        # Made on the target device: fast for billions of weights on a GPU; seeded per device.
+        state = random_state_dict(config, seed, device=device, dtype=dtype)
         items = ((name, t) for name, t in state.items())
     elif checkpoint.is_checkpoint(directory):
         items = ((name, value) for name, _, value in checkpoint.iter_encoded(directory))

@@ -11,6 +11,9 @@ Policies (`parse_policy`):
   auto[:B]    keep weights while they fit in a byte budget B (e.g. 512MB, 0 by default) and,
               on CUDA, decompress the next weight on a side stream while the current one computes
   all         decompress once, keep everything
+  fused       never keep a decompressed copy: `nibble` weights are decoded inside the GEMV for
+              inputs of at most 8 rows (decode steps, on CUDA); larger inputs and other codecs
+              decompress per use, as `none`
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ import torch
 from codecllm.codecs import EncodedTensor, decode
 from codecllm.errors import CacheError
 
-POLICIES = ("none", "per-pass", "lru:K", "pin:K", "auto[:BYTES]", "all")
+POLICIES = ("none", "per-pass", "lru:K", "pin:K", "auto[:BYTES]", "all", "fused")
+# Policies whose work per forward pass is the same every pass once warm, so a CUDA graph of one
+# decode step replays them faithfully (lru and auto decide anew at every access).
+GRAPH_SAFE = ("none", "per-pass", "pin", "all", "fused")
+COUNTERS = ("forward_passes", "decompressions", "hits", "misses", "prefetch_hits", "fused_calls",
+            "bytes_decoded", "bytes_transferred")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -57,7 +65,7 @@ def parse_policy(spec: str | Policy) -> Policy:
         return spec
     text = str(spec).strip().lower()
     name, _, arg = text.partition(":")
-    if name in ("none", "per-pass", "all") and not arg:
+    if name in ("none", "per-pass", "all", "fused") and not arg:
         return Policy(name)
     if name in ("lru", "pin") and arg:
         if not arg.isdigit():
@@ -106,6 +114,7 @@ class WeightCache:
 
     def reset_stats(self) -> None:
         self.forward_passes = self.decompressions = self.hits = self.misses = self.prefetch_hits = 0
+        self.fused_calls = 0
         self.bytes_decoded = 0
         self.bytes_transferred = 0
         self._cpu_decode_seconds = 0.0
@@ -138,7 +147,22 @@ class WeightCache:
             return str(len(self._weights) or "all")
         if kind == "auto":
             return f"{self.policy.budget / 1e6:.0f}MB"
-        return "0" if kind == "none" else "pass"
+        return "0" if kind in ("none", "fused") else "pass"
+
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COUNTERS}
+
+    def add_counters(self, delta: dict[str, int], times: int = 1) -> None:
+        """Account for `times` replays of a captured pass whose counters moved by `delta`."""
+        for name, value in delta.items():
+            setattr(self, name, getattr(self, name) + value * times)
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.policy.kind in GRAPH_SAFE
+
+    def count_fused(self) -> None:
+        self.fused_calls += 1
 
     def stats(self) -> dict:
         accesses = self.hits + self.misses + self.prefetch_hits
@@ -150,6 +174,7 @@ class WeightCache:
             "hits": self.hits,
             "misses": self.misses,
             "prefetch_hits": self.prefetch_hits,
+            "fused_calls": self.fused_calls,
             "hit_rate": self.hits / accesses if accesses else 0.0,
             "bytes_decoded": self.bytes_decoded,
             "bytes_transferred": self.bytes_transferred,
@@ -221,6 +246,8 @@ class WeightCache:
         self.bytes_decoded += weight.nbytes
         if weight.encoded.device != device:
             self.bytes_transferred += weight.compressed_nbytes
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return weight.decode_to(device)  # inside a CUDA graph capture: no timing events
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

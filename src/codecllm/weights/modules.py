@@ -54,7 +54,28 @@ class CompressedLinear(_Compressed):
         return cls(CompressedWeight(encoded, name), bias, cache, compute_device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache.policy.kind == "fused" and self._fusable(x):
+            self.cache.count_fused()
+            y = self._fused_gemv()(x)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.decompressed_weight(), self.bias)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        from codecllm.codecs.kernels_available import fused_gemv_possible
+
+        rows = x.numel() // x.shape[-1]
+        return (self.encoded.codec == "nibble" and rows <= 8 and self.in_features % 2 == 0
+                and fused_gemv_possible(x.device))
+
+    def _fused_gemv(self):
+        """The nibble weight laid out for the fused GEMV, built once per weight."""
+        store = self.weight_store
+        if getattr(store, "gemv", None) is None or store.gemv_source is not store.encoded:
+            from codecllm.codecs.kernels.gemv import NibbleGemvWeight
+
+            encoded = store.encoded.to(self.compute_device)
+            store.gemv, store.gemv_source = NibbleGemvWeight(encoded), store.encoded
+        return store.gemv
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,127 @@
+"""Triton GEMV for small batches (decode steps): y[b, n] = sum_k x[b, k] * W[n, k].
+
+One kernel, two weight formats, so the comparison is like for like:
+  * COMPRESSED=False: W is a plain bf16/fp16 (N, K) matrix: 2 bytes per weight.
+  * COMPRESSED=True: W is `nibble` data decoded in registers: a sign+mantissa byte (N*K) and a
+    4-bit exponent code (two per byte, N*K/2): 1.5 bytes per weight. Code 15 (escape) contributes
+    0 in the main loop; the escaped weights are added exactly afterwards from a per-row list.
+
+Each program owns BLOCK_N rows and walks K in BK-wide tiles with an fp32 accumulator per
+(row, batch). The weight bits are turned into fp32 by bit operations only (bf16 is the top half
+of fp32), which is exact and also what Triton's CPU interpreter gets right.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemv_kernel(
+    x, weight, sign_mantissa, codes, escape_row_ptr, escape_col, escape_value, out,
+    N, K, base, stride_xb, stride_ob,
+    B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, COMPRESSED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    batch = tl.arange(0, B_PAD)
+    batch_ok = batch < B
+    acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
+    row_base = rows.to(tl.int64)[:, None] * K
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        ok = row_ok[:, None] & (cols < K)[None, :]
+        if COMPRESSED:
+            rest = tl.load(sign_mantissa + row_base + cols[None, :], mask=ok, other=0).to(tl.int32)
+            half = k0 // 2 + tl.arange(0, BK // 2)
+            half_ok = row_ok[:, None] & (half < K // 2)[None, :]
+            packed = tl.load(codes + row_base // 2 + half[None, :], mask=half_ok, other=0).to(tl.int32)
+            code = tl.interleave(packed & 15, packed >> 4)  # element 2i: low nibble, 2i+1: high
+            fp32_bits = ((rest & 0x80) << 24) | ((code + base) << 23) | ((rest & 0x7F) << 16)
+            w = tl.where(code == 15, 0.0, fp32_bits.to(tl.float32, bitcast=True))
+        else:
+            w = tl.load(weight + row_base + cols[None, :], mask=ok, other=0).to(tl.float32)
+        xs = tl.load(x + batch[:, None] * stride_xb + cols[None, :],
+                     mask=batch_ok[:, None] & (cols < K)[None, :], other=0).to(tl.float32)
+        acc += tl.sum(w[:, None, :] * xs[None, :, :], axis=2)
+    if COMPRESSED:
+        first = tl.load(escape_row_ptr + pid * BLOCK_N)
+        last = tl.load(escape_row_ptr + tl.minimum(pid * BLOCK_N + BLOCK_N, N))
+        for e in range(first, last):
+            row = tl.load(escape_col + 2 * e)
+            col = tl.load(escape_col + 2 * e + 1)
+            value = tl.load(escape_value + e)
+            xv = tl.load(x + batch * stride_xb + col, mask=batch_ok, other=0).to(tl.float32)
+            acc += tl.where((rows == row)[:, None], value * xv[None, :], 0.0)
+    tl.store(out + batch[None, :] * stride_ob + rows[:, None], acc.to(out.dtype.element_ty),
+             mask=row_ok[:, None] & batch_ok[None, :])
+
+
+MAX_BATCH = 8
+
+
+def _config(n: int, k: int, batch: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BK, num_warps) chosen by measurement on an H100 (benchmarks/gemv.py)."""
+    if batch <= 2:
+        return 2, 1024, 4
+    return 2, 512, 4
+
+
+def _launch(x2d, n, k, out, weight=None, nibble=None, config=None):
+    batch = x2d.shape[0]
+    block_n, bk, warps = config or _config(n, k, batch)
+    dummy = x2d  # unused pointer slots still need a tensor
+    if nibble is None:
+        args = (weight, dummy, dummy, dummy, dummy, dummy, 0)
+    else:
+        sign_mantissa, codes, row_ptr, cols, values, base = nibble
+        args = (dummy, sign_mantissa, codes, row_ptr, cols, values, base)
+    grid = (triton.cdiv(n, block_n),)
+    w, sm, cd, rp, ec, ev, base = args
+    _gemv_kernel[grid](
+        x2d, w, sm, cd, rp, ec, ev, out, n, k, base, x2d.stride(0), out.stride(0),
+        B=batch, B_PAD=max(2, triton.next_power_of_2(batch)), BLOCK_N=block_n, BK=bk,
+        COMPRESSED=nibble is not None, num_warps=warps,
+    )
+    return out
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config=None) -> torch.Tensor:
+    """x (..., K) with at most MAX_BATCH rows, weight (N, K) -> (..., N)."""
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    n, k = weight.shape
+    out = torch.empty(x2d.shape[0], n, dtype=x.dtype, device=x.device)
+    _launch(x2d, n, k, out, weight=weight.contiguous(), config=config)
+    return out.view(*x.shape[:-1], n)
+
+
+class NibbleGemvWeight:
+    """A `nibble` EncodedTensor of shape (N, K), K even, laid out for the fused GEMV: the
+    escapes regrouped by row (row pointer, (row, col) pairs, fp32 values)."""
+
+    def __init__(self, encoded):
+        from codecllm.codecs.nibble import NibbleCodec
+
+        n, k = encoded.shape
+        if k % 2:
+            raise ValueError(f"the fused nibble GEMV needs an even in_features, got {k}")
+        sign_mantissa, codes, escape_index, escape_exponent, base = NibbleCodec._parts(encoded)
+        rows, cols = escape_index // k, escape_index % k
+        rest = sign_mantissa[escape_index].to(torch.int32)
+        bits = ((rest & 0x80) << 24) | (escape_exponent.to(torch.int32) << 23) | ((rest & 0x7F) << 16)
+        self.shape = (n, k)
+        self.sign_mantissa, self.codes, self.base = sign_mantissa, codes, base
+        self.escape_values = bits.view(torch.float32)
+        self.escape_pairs = torch.stack([rows, cols], dim=1).reshape(-1).contiguous()
+        self.row_ptr = torch.searchsorted(rows, torch.arange(n + 1, device=rows.device)).to(torch.int64)
+
+    def __call__(self, x: torch.Tensor, config=None) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        n, k = self.shape
+        out = torch.empty(x2d.shape[0], n, dtype=x.dtype, device=x.device)
+        nibble = (self.sign_mantissa, self.codes, self.row_ptr, self.escape_pairs, self.escape_values, self.base)
+        _launch(x2d, n, k, out, nibble=nibble, config=config)
+        return out.view(*x.shape[:-1], n)

@@ -1,0 +1,17 @@
+"""Whether a Triton kernel can run for tensors on a device (CUDA, or the CPU interpreter)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from codecllm.codecs import triton_available
+
+
+def fused_gemv_possible(device: torch.device) -> bool:
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
