@@ -43,7 +43,7 @@ def test_fused_gemv_error_within_cublas_bound():
         w = gaussian_weights(n * k, seed=n).view(n, k).cuda()
         x = torch.randn(batch, k, device="cuda").bfloat16()
         ref = x.double() @ w.double().T
-        err = lambda y: ((y.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+        err = lambda y, ref=ref: ((y.double() - ref).norm() / ref.norm()).item()  # noqa: E731
         bound = err(F.linear(x, w)) + 1e-3
         assert err(NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda"))(x)) <= bound
         assert err(gemv(x, w)) <= bound
