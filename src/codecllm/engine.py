@@ -33,6 +33,7 @@ class Model:
         self.weight_cache, self.device, self.kv, self.source = weight_cache, device, kv, source
         self.log: Callable[[str], None] | None = None
         self.cuda_graphs = cuda_graphs  # None: on where it is faithful (CUDA, KV cache, graph-safe policy)
+        self._graphs: dict = {}  # captured decode graphs by (batch, cache length, greedy)
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -72,7 +73,7 @@ class Model:
         steps = generate_tokens(
             self.module, ids, padding, max_new_tokens, max_len=self.config.max_position_embeddings,
             sampling=Sampling(temperature, top_k, top_p, seed), kv=self.kv, on_step=self._on_step,
-            cuda_graph=self.uses_cuda_graphs,
+            cuda_graph=self.uses_cuda_graphs, graphs=self._graphs,
         )
         self._token_clock = [time.perf_counter(), time.perf_counter()]
         if stream:

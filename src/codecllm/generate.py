@@ -70,12 +70,13 @@ def generate_tokens(
     kv_dtype: torch.dtype | None = None,
     on_step: Callable[[int], None] | None = None,
     cuda_graph: bool = False,
+    graphs: dict | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) new token ids (on the model's device), one step at a time.
 
     input_ids, padding: (B, T), left-padded; max_len: the model's position limit.
     cuda_graph: capture one decode step as a CUDA graph and replay it (needs kv; the first
-    token comes from an eager prefill).
+    token comes from an eager prefill). `graphs` keeps captured graphs for reuse across calls.
     """
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
@@ -92,20 +93,31 @@ def generate_tokens(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    cache = None
+    cache = graph = None
     if kv:
         config = model.config
         dtype = kv_dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        cache = KVCache.for_config(config, batch, prompt_len + max_new_tokens, dtype, device)
+        length = prompt_len + max_new_tokens
+        if cuda_graph and max_new_tokens > 1:
+            length = graph_cache_length(length, max_len)
+            key = (batch, length, sampling.temperature == 0)
+            graphs = {} if graphs is None else graphs
+            if key not in graphs:
+                graphs[key] = DecodeGraph(model, KVCache.for_config(config, batch, length, dtype, device), batch,
+                                          sampling.temperature == 0)
+            graph = graphs[key]
+            cache = graph.cache
+            cache.reset()
+        else:
+            cache = KVCache.for_config(config, batch, length, dtype, device)
 
     tokens, mask_padding = input_ids, padding
     positions = positions_of(padding)
     logits = model(tokens, positions, causal_mask(padding, prompt_len, prompt_len, device), cache)
     if cache is not None:
         cache.advance(prompt_len)
-    if cuda_graph and cache is not None and max_new_tokens > 1:
-        yield from _graphed_decode(model, cache, padding, positions, logits, max_new_tokens, sampling, generator,
-                                   on_step)
+    if graph is not None:
+        yield from _graphed_decode(graph, padding, positions, logits, max_new_tokens, sampling, generator, on_step)
         return
     for step in range(max_new_tokens):
         next_token = sample(logits[:, -1], sampling, generator)
@@ -127,63 +139,94 @@ def generate_tokens(
             logits = model(tokens, positions, causal_mask(mask_padding, total, total, device), None)
 
 
-def _graphed_decode(model, cache, padding, positions, logits, max_new_tokens, sampling, generator, on_step):
-    """Decode with one step captured as a CUDA graph: token, positions and the cache slot live in
-    static device buffers and advance inside the graph, so greedy decoding needs no host sync."""
-    batch, prompt_len = padding.shape
-    device = padding.device
-    weight_cache = getattr(model, "weight_cache", None)
-    greedy = sampling.temperature == 0
-    token = sample(logits[:, -1], sampling, generator).view(batch, 1).clone()
-    position = (positions[:, -1:] + 1).clone()
-    slot = torch.tensor([prompt_len], device=device)
-    full_padding = torch.ones(batch, cache.max_len, dtype=torch.bool, device=device)
-    full_padding[:, :prompt_len] = padding
-    columns = torch.arange(cache.max_len, device=device)
-    cache.slot = slot
-    out = {}
+class DecodeGraph:
+    """One decode step captured as a CUDA graph, with its static KV cache, reused across calls
+    of the same (batch, cache length). Token, positions and the cache slot live in device buffers
+    and advance inside the graph, so greedy decoding needs no host synchronisation per token."""
 
-    def step():
-        mask = (columns <= slot)[None, None, None, :] & full_padding[:, None, None, :]
-        out["logits"] = model(token, position, mask, cache)[:, -1]
-        if greedy:
-            token.copy_(out["logits"].argmax(-1, keepdim=True))
-        position.add_(1)
-        slot.add_(1)
+    def __init__(self, model, cache: KVCache, batch: int, greedy: bool):
+        device = cache.k.device
+        self.model, self.cache, self.greedy = model, cache, greedy
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.padding = torch.ones(batch, cache.max_len, dtype=torch.bool, device=device)
+        self.columns = torch.arange(cache.max_len, device=device)
+        self.logits: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.per_pass: dict[str, int] = {}
 
-    saved = (token.clone(), position.clone(), slot.clone())
-    counters = weight_cache.counters() if weight_cache is not None else None
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):  # compile kernels, fill caches, settle the allocator
-            step()
-            for buffer, value in zip((token, position, slot), saved):
-                buffer.copy_(value)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    before_capture = weight_cache.counters() if weight_cache is not None else None
-    with torch.cuda.graph(graph):
-        step()
-    if weight_cache is not None:  # count replays only: one captured pass's work per replay
-        per_pass = {k: v - before_capture[k] for k, v in weight_cache.counters().items()}
-        for name, value in counters.items():
-            setattr(weight_cache, name, value)
-    for buffer, value in zip((token, position, slot), saved):
-        buffer.copy_(value)
+    def _step(self) -> None:
+        mask = (self.columns <= self.slot)[None, None, None, :] & self.padding[:, None, None, :]
+        self.logits = self.model(self.token, self.position, mask, self.cache)[:, -1]
+        if self.greedy:
+            self.token.copy_(self.logits.argmax(-1, keepdim=True))
+        self.position.add_(1)
+        self.slot.add_(1)
 
+    def start(self, token: torch.Tensor, position: torch.Tensor, padding: torch.Tensor) -> None:
+        """Load the state after a prefill of padding.shape[1] tokens; capture on first use."""
+        prompt_len = padding.shape[1]
+        self.cache.slot = self.slot
+
+        def load_state():
+            self.token.copy_(token.view(-1, 1))
+            self.position.copy_(position)
+            self.slot.fill_(prompt_len)
+            self.padding.fill_(True)
+            self.padding[:, :prompt_len] = padding
+
+        load_state()
+        if self.graph is not None:
+            return
+        weight_cache = getattr(self.model, "weight_cache", None)
+        counters = weight_cache.counters() if weight_cache is not None else None
+        device = self.token.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile kernels, fill weight caches, settle the allocator
+                self._step()
+                load_state()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        before = weight_cache.counters() if weight_cache is not None else None
+        with torch.cuda.graph(self.graph):
+            self._step()
+        if weight_cache is not None:  # count replays only: one captured pass's work per replay
+            self.per_pass = {k: v - before[k] for k, v in weight_cache.counters().items()}
+            for name, value in counters.items():
+                setattr(weight_cache, name, value)
+        load_state()
+
+    def replay(self) -> None:
+        self.graph.replay()
+        weight_cache = getattr(self.model, "weight_cache", None)
+        if weight_cache is not None:
+            weight_cache.add_counters(self.per_pass)
+
+    def finish(self) -> None:
+        self.cache.slot = None
+
+
+def graph_cache_length(needed: int, max_len: int) -> int:
+    """Static caches come in 256-token buckets, so one captured graph serves many prompt sizes."""
+    return min(max_len, -(-needed // 256) * 256)
+
+
+def _graphed_decode(graph: DecodeGraph, padding, positions, logits, max_new_tokens, sampling, generator, on_step):
+    batch = padding.shape[0]
+    graph.start(sample(logits[:, -1], sampling, generator), positions[:, -1:] + 1, padding)
     try:
-        yield token.view(-1).clone()
+        yield graph.token.view(-1).clone()
         if on_step is not None:
             on_step(0)
         for i in range(1, max_new_tokens):
             graph.replay()
-            if weight_cache is not None:
-                weight_cache.add_counters(per_pass)
-            if not greedy:
-                token.copy_(sample(out["logits"], sampling, generator).view(batch, 1))
-            yield token.view(-1).clone()
+            if not graph.greedy:
+                graph.token.copy_(sample(graph.logits, sampling, generator).view(batch, 1))
+            yield graph.token.view(-1).clone()
             if on_step is not None:
                 on_step(i)
     finally:
-        cache.slot = None
+        graph.finish()

@@ -1,0 +1,230 @@
+"""End-to-end generation on the GPU: codecllm (bf16 eager / CUDA graph / Triton GEMV, nibble fused,
+huffman with prefetch, host-RAM offload) against Hugging Face transformers on the same random
+weights, in the same run. Batch 1, bf16.
+
+    python benchmarks/decode.py --model tinyllama-1.1b [--prompt 128] [--new 256] [--skip hf,offload,...]
+
+Decode speed is measured on the decode steps alone: time(generate N) - time(generate 1), over N - 1
+tokens, median of 3 runs after a warm-up (a captured graph is reused, as a server would).
+roofline_fraction = tok/s x (weight bytes + KV bytes read per token) / measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import environment, write_result
+
+import codecllm
+from codecllm.kv import cache_bytes
+from codecllm.report import format_table, human_bytes
+from codecllm.weights import use_triton_gemv
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (1 GiB, median of 10)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * a.numel() / statistics.median(times[2:])
+
+
+def h2d_bandwidth() -> float:
+    a = torch.empty(1 << 28, dtype=torch.uint8).pin_memory()
+    b = torch.empty(a.numel(), dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(8):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a, non_blocking=True)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return a.numel() / statistics.median(times[2:])
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def decode_speed(generate, new: int, runs: int = 3) -> float:
+    """Tokens/s of the decode steps: (N - 1) / (time(N) - time(1))."""
+    generate(new)  # warm-up: kernels, captured graph, caches
+    full = statistics.median(timed(lambda: generate(new)) for _ in range(runs))
+    first = statistics.median(timed(lambda: generate(1)) for _ in range(runs))
+    return (new - 1) / max(full - first, 1e-9)
+
+
+def ours(model_name, prompt, new, weights=None, cache="auto", cuda_graphs=None, triton_gemv=False, storage="gpu",
+         log=print):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = codecllm.load(model_name, device="cuda", weights=weights, cache=cache, cuda_graphs=cuda_graphs,
+                          storage=storage)
+    if triton_gemv:
+        use_triton_gemv(model.module)
+    tokens = {}
+
+    def generate(n):
+        tokens[n] = model.generate(prompt, n)
+
+    speed = decode_speed(generate, new)
+    held = model.weight_bytes()
+    result = {"tok_s": speed, "weights_held": held["weights_held"], "weights_original": held["weights_original"],
+              "gpu_weights": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated(),
+              "tokens": tokens[new], "stats": model.stats(), "graphs": model.uses_cuda_graphs}
+    return model, result
+
+
+def hf_model_from(model):
+    """A transformers model with our model's weights (copied: built on the GPU, then loaded)."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**model.config.to_hf())
+    with torch.device("cuda"):
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = hf.load_state_dict(model.module.state_dict(), strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing[:3], unexpected[:3])
+    return hf.eval()
+
+
+def hf_eager(model, prompt, new):
+    hf = hf_model_from(model)
+    ids = torch.tensor([prompt], device="cuda")
+
+    def generate(n):
+        with torch.no_grad():
+            return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    speed = decode_speed(generate, new)
+    out = generate(new)[0, len(prompt):].tolist()
+    return hf, {"tok_s": speed, "tokens": out}
+
+
+def hf_static_compile(hf, prompt, new):
+    ids = torch.tensor([prompt], device="cuda")
+    hf.generation_config.cache_implementation = "static"
+    hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+
+    def generate(n):
+        with torch.no_grad():
+            return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    try:
+        return {"tok_s": decode_speed(generate, new)}
+    except Exception as exc:  # noqa: BLE001 - its documented fast path may fail on this stack
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+
+
+def prefill_speed(model_name, length, weights=None, cache="auto"):
+    model = codecllm.load(model_name, device="cuda", weights=weights, cache=cache, cuda_graphs=False)
+    prompt = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(1)).tolist()
+    model.generate(prompt, 1)
+    seconds = statistics.median(timed(lambda: model.generate(prompt, 1)) for _ in range(3))
+    return length / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tinyllama-1.1b")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--skip", default="", help="comma-separated: hf,compile,huffman,offload,prefill,triton")
+    args = parser.parse_args()
+    skip = set(args.skip.split(","))
+    config = codecllm.models.ModelConfig.from_name(args.model)
+    prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    bandwidth = copy_bandwidth()
+    rows: dict[str, dict] = {}
+
+    def record(label, result):
+        rows[label] = result
+        print(f"{label:40s} {result.get('tok_s', float('nan')):8.1f} tok/s  {result.get('error', '')}", flush=True)
+
+    model, r = ours(args.model, prompt, args.new, cuda_graphs=False)
+    record("codecllm bf16 eager (cuBLAS)", r)
+    baseline_tokens = r["tokens"]
+    if "hf" not in skip:
+        hf, r = hf_eager(model, prompt, args.new)
+        record("HF transformers eager", r)
+        if "compile" not in skip:
+            record("HF static cache + torch.compile", hf_static_compile(hf, prompt, args.new))
+        del hf
+    del model
+    model, r = ours(args.model, prompt, args.new, cuda_graphs=True)
+    record("codecllm bf16 CUDA graph (cuBLAS)", r)
+    del model
+    if "triton" not in skip:
+        model, r = ours(args.model, prompt, args.new, cuda_graphs=True, triton_gemv=True)
+        record("codecllm bf16 CUDA graph (Triton GEMV)", r)
+        del model
+    model, r = ours(args.model, prompt, args.new, weights="nibble", cache="fused", cuda_graphs=True)
+    record("codecllm nibble fused, CUDA graph", r)
+    del model
+    if "huffman" not in skip:
+        for fraction in (0.0, 0.1, 0.5):
+            budget = int(config.parameter_count() * 2 * fraction)
+            model, r = ours(args.model, prompt, args.new, weights="huffman", cache=f"auto:{budget}")
+            record(f"codecllm huffman auto {fraction:.0%} kept", r)
+            del model
+    if "offload" not in skip:
+        model, r = ours(args.model, prompt, min(args.new, 32), weights="huffman", cache="auto:0", storage="cpu")
+        per_token = r["stats"]["bytes_transferred"] / max(r["stats"]["forward_passes"], 1)
+        r["h2d_gbps_achieved"] = per_token * r["tok_s"] / 1e9
+        record("codecllm huffman offload (host RAM, prefetch)", r)
+        del model
+
+    kv_read = cache_bytes(config, 1, args.prompt + args.new // 2, torch.bfloat16)
+    weight_bytes = config.parameter_count() * 2
+    for label, r in rows.items():
+        if "tok_s" in r and "weights_held" in r:
+            bytes_per_token = (r["weights_held"] if "nibble" in label else weight_bytes) + kv_read
+            r["roofline_fraction"] = r["tok_s"] * bytes_per_token / bandwidth
+            if "tokens" in r:
+                r["same_tokens_as_bf16"] = r["tokens"] == baseline_tokens
+    prefill = {}
+    if "prefill" not in skip:
+        for label, weights, cache in (("bf16", None, "auto"), ("nibble (decompress per layer)", "nibble", "fused"),
+                                      ("huffman (decompress per layer)", "huffman", "none")):
+            prefill[label] = prefill_speed(args.model, 2048, weights, cache)
+            print(f"prefill 2048 {label:34s} {prefill[label]:9.0f} tok/s", flush=True)
+
+    print()
+    print(format_table(["configuration", "tok/s", "roofline", "weights held", "same tokens as bf16"],
+                       [[label, f"{r['tok_s']:.1f}" if "tok_s" in r else r.get("error", "-"),
+                         f"{r['roofline_fraction']:.2f}" if "roofline_fraction" in r else "-",
+                         human_bytes(r["weights_held"]) if "weights_held" in r else "-",
+                         {True: "yes", False: "NO"}.get(r.get("same_tokens_as_bf16"), "-")]
+                        for label, r in rows.items()]))
+    env = environment()
+    h2d = h2d_bandwidth()
+    print(f"\n{args.model}; prompt {args.prompt}, {args.new} new tokens, batch 1; "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; pinned H2D {h2d / 1e9:.1f} GB/s; {env['gpu']}; "
+          f"torch {env['torch']}; {env['date']}")
+    for r in rows.values():
+        r.pop("tokens", None)
+    payload = {"model": args.model, "prompt": args.prompt, "new": args.new, "copy_bandwidth": bandwidth,
+               "h2d_bandwidth": h2d, "rows": rows, "prefill_tok_s": prefill, "environment": env}
+    print(f"wrote {write_result(f'decode-{args.model}', payload)}")
+
+
+if __name__ == "__main__":
+    main()
