@@ -32,6 +32,29 @@ def gpu_time_ms(fn: Callable[[], Any], warmup: int = 3, repeat: int = 20) -> flo
     return statistics.median(times)
 
 
+def graph_time_ms(fn: Callable[[], Any], calls: int = 20, repeat: int = 20) -> float:
+    """Median milliseconds per call of `fn`, replayed from a CUDA graph of `calls` calls, so host
+    launch overhead is out of the figure (what a graph-captured decode step sees)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
 def cpu_time_s(fn: Callable[[], Any], repeat: int = 1) -> float:
     """Median wall-clock seconds of `fn` on the CPU."""
     times = []

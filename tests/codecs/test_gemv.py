@@ -50,3 +50,12 @@ def test_fused_policy_uses_the_gemv_for_decode_steps(tmp_path):
     assert fused.generate(prompt, 3) == plain.generate(prompt, 3)
     s = fused.stats()
     assert s["fused_calls"] == 3 * 8 and s["cache_entries"] == 0  # 3 passes x 8 linears (prompt <= 8 rows)
+
+
+def test_plain_gemv_odd_in_features():
+    from codecllm.codecs.kernels.gemv import gemv
+
+    w = torch.randn(9, 131)
+    x = torch.randn(2, 131)
+    ref = x.double() @ w.double().T
+    assert ((gemv(x, w).double() - ref).norm() / ref.norm()).item() < 1e-6

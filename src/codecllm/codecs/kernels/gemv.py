@@ -24,33 +24,45 @@ def _gemv_kernel(
     N, K, base, stride_xb, stride_ob,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, COMPRESSED: tl.constexpr,
 ):
+    # Columns are taken in pairs (2j, 2j+1): a code byte holds both their exponents, so the even
+    # and odd halves are decoded and multiplied separately, with no register shuffles.
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     batch = tl.arange(0, B_PAD)
     batch_ok = batch < B
     acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
-    row_base = rows.to(tl.int64)[:, None] * K
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        ok = row_ok[:, None] & (cols < K)[None, :]
+    half_k = K // 2
+    row_pairs = rows.to(tl.int64)[:, None] * half_k
+    for j0 in range(0, half_k, BK // 2):
+        pairs = j0 + tl.arange(0, BK // 2)
+        ok = row_ok[:, None] & (pairs < half_k)[None, :]
         if COMPRESSED:
-            rest = tl.load(sign_mantissa + row_base + cols[None, :], mask=ok, other=0).to(tl.int32)
-            half = k0 // 2 + tl.arange(0, BK // 2)
-            half_ok = row_ok[:, None] & (half < K // 2)[None, :]
-            packed = tl.load(codes + row_base // 2 + half[None, :], mask=half_ok, other=0).to(tl.int32)
-            code = tl.interleave(packed & 15, packed >> 4)  # element 2i: low nibble, 2i+1: high
-            fp32_bits = ((rest & 0x80) << 24) | ((code + base) << 23) | ((rest & 0x7F) << 16)
-            w = tl.where(code == 15, 0.0, fp32_bits.to(tl.float32, bitcast=True))
+            rest = tl.load(sign_mantissa.to(tl.pointer_type(tl.int16)) + row_pairs + pairs[None, :],
+                           mask=ok, other=0).to(tl.int32)
+            packed = tl.load(codes + row_pairs + pairs[None, :], mask=ok, other=0).to(tl.int32)
+            code_even, code_odd = packed & 15, (packed >> 4) & 15
+            rest_even, rest_odd = rest & 0xFF, (rest >> 8) & 0xFF
+            bits_even = ((rest_even & 0x80) << 24) | ((code_even + base) << 23) | ((rest_even & 0x7F) << 16)
+            bits_odd = ((rest_odd & 0x80) << 24) | ((code_odd + base) << 23) | ((rest_odd & 0x7F) << 16)
+            w_even = tl.where(code_even == 15, 0.0, bits_even.to(tl.float32, bitcast=True))
+            w_odd = tl.where(code_odd == 15, 0.0, bits_odd.to(tl.float32, bitcast=True))
         else:
-            w = tl.load(weight + row_base + cols[None, :], mask=ok, other=0).to(tl.float32)
-        xs = tl.load(x + batch[:, None] * stride_xb + cols[None, :],
-                     mask=batch_ok[:, None] & (cols < K)[None, :], other=0).to(tl.float32)
-        acc += tl.sum(w[:, None, :] * xs[None, :, :], axis=2)
+            even = weight + rows.to(tl.int64)[:, None] * K + 2 * pairs[None, :]
+            w_even = tl.load(even, mask=ok, other=0).to(tl.float32)
+            w_odd = tl.load(even + 1, mask=ok, other=0).to(tl.float32)
+        x_ok = batch_ok[:, None] & (pairs < half_k)[None, :]
+        x_even = tl.load(x + batch[:, None] * stride_xb + 2 * pairs[None, :], mask=x_ok, other=0).to(tl.float32)
+        x_odd = tl.load(x + batch[:, None] * stride_xb + 2 * pairs[None, :] + 1, mask=x_ok, other=0).to(tl.float32)
+        acc += tl.sum(w_even[:, None, :] * x_even[None, :, :] + w_odd[:, None, :] * x_odd[None, :, :], axis=2)
+    if K % 2 == 1:  # the plain path takes odd K: its last column has no pair
+        last = tl.load(weight + rows.to(tl.int64) * K + (K - 1), mask=row_ok, other=0).to(tl.float32)
+        x_last = tl.load(x + batch * stride_xb + (K - 1), mask=batch_ok, other=0).to(tl.float32)
+        acc += last[:, None] * x_last[None, :]
     if COMPRESSED:
         first = tl.load(escape_row_ptr + pid * BLOCK_N)
-        last = tl.load(escape_row_ptr + tl.minimum(pid * BLOCK_N + BLOCK_N, N))
-        for e in range(first, last):
+        last_escape = tl.load(escape_row_ptr + tl.minimum(pid * BLOCK_N + BLOCK_N, N))
+        for e in range(first, last_escape):
             row = tl.load(escape_col + 2 * e)
             col = tl.load(escape_col + 2 * e + 1)
             value = tl.load(escape_value + e)
