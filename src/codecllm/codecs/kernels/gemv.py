@@ -13,6 +13,8 @@ of fp32), which is exact and also what Triton's CPU interpreter gets right.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,7 @@ def _gemv_kernel(
     x, weight, sign_mantissa, codes, escape_row_ptr, escape_col, escape_value, out,
     N, K, base, stride_xb, stride_ob,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, COMPRESSED: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # Columns are taken in pairs (2j, 2j+1): a code byte holds both their exponents, so the even
     # and odd halves are decoded and multiplied separately, with no register shuffles.
@@ -51,10 +54,20 @@ def _gemv_kernel(
             even = weight + rows.to(tl.int64)[:, None] * K + 2 * pairs[None, :]
             w_even = tl.load(even, mask=ok, other=0).to(tl.float32)
             w_odd = tl.load(even + 1, mask=ok, other=0).to(tl.float32)
-        x_ok = batch_ok[:, None] & (pairs < half_k)[None, :]
-        x_even = tl.load(x + batch[:, None] * stride_xb + 2 * pairs[None, :], mask=x_ok, other=0).to(tl.float32)
-        x_odd = tl.load(x + batch[:, None] * stride_xb + 2 * pairs[None, :] + 1, mask=x_ok, other=0).to(tl.float32)
-        acc += tl.sum(w_even[:, None, :] * x_even[None, :, :] + w_odd[:, None, :] * x_odd[None, :, :], axis=2)
+        if USE_DOT:  # batch > 1: tensor cores, (BLOCK_N, BK/2) x (BK/2, B_PAD) per half
+            x_ok = (pairs < half_k)[:, None] & batch_ok[None, :]
+            x_t = x + batch[None, :] * stride_xb + 2 * pairs[:, None]
+            x_even = tl.load(x_t, mask=x_ok, other=0)
+            x_odd = tl.load(x_t + 1, mask=x_ok, other=0)
+            if DOT_FP32:  # Triton's CPU interpreter gets bf16 arithmetic wrong: stay in fp32 there
+                x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
+            acc += tl.dot(w_even.to(x_even.dtype), x_even, input_precision="ieee")
+            acc += tl.dot(w_odd.to(x_odd.dtype), x_odd, input_precision="ieee")
+        else:
+            x_ok = batch_ok[:, None] & (pairs < half_k)[None, :]
+            x_even = tl.load(x + batch[:, None] * stride_xb + 2 * pairs[None, :], mask=x_ok, other=0).to(tl.float32)
+            x_odd = tl.load(x + batch[:, None] * stride_xb + 2 * pairs[None, :] + 1, mask=x_ok, other=0).to(tl.float32)
+            acc += tl.sum(w_even[:, None, :] * x_even[None, :, :] + w_odd[:, None, :] * x_odd[None, :, :], axis=2)
     if K % 2 == 1:  # the plain path takes odd K: its last column has no pair
         last = tl.load(weight + rows.to(tl.int64) * K + (K - 1), mask=row_ok, other=0).to(tl.float32)
         x_last = tl.load(x + batch * stride_xb + (K - 1), mask=batch_ok, other=0).to(tl.float32)
@@ -76,15 +89,21 @@ MAX_BATCH = 8
 
 
 def _config(n: int, k: int, batch: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BK, num_warps) chosen by measurement on an H100 (benchmarks/gemv.py)."""
-    if batch <= 2:
-        return 2, 1024, 4
-    return 2, 512, 4
+    """(BLOCK_N, BK, num_warps), from the sweep in benchmarks/gemv.py on an H100."""
+    if batch == 1:
+        return 8, 512, 2
+    return 32, 256, 4  # tensor-core path
 
 
 def _launch(x2d, n, k, out, weight=None, nibble=None, config=None):
     batch = x2d.shape[0]
     block_n, bk, warps = config or _config(n, k, batch)
+    use_dot = batch > 1
+    # tl.dot needs at least 16 rows and columns per operand; a single row needs no padding.
+    b_pad = 16 if use_dot else 1
+    if use_dot:
+        block_n = max(block_n, 16)
+        bk = max(bk, 32)
     dummy = x2d  # unused pointer slots still need a tensor
     if nibble is None:
         args = (weight, dummy, dummy, dummy, dummy, dummy, 0)
@@ -95,8 +114,9 @@ def _launch(x2d, n, k, out, weight=None, nibble=None, config=None):
     w, sm, cd, rp, ec, ev, base = args
     _gemv_kernel[grid](
         x2d, w, sm, cd, rp, ec, ev, out, n, k, base, x2d.stride(0), out.stride(0),
-        B=batch, B_PAD=max(2, triton.next_power_of_2(batch)), BLOCK_N=block_n, BK=bk,
-        COMPRESSED=nibble is not None, num_warps=warps,
+        B=batch, B_PAD=b_pad, BLOCK_N=block_n, BK=bk,
+        COMPRESSED=nibble is not None, USE_DOT=use_dot, DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=warps,
     )
     return out
 
