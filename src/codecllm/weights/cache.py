@@ -159,7 +159,9 @@ class WeightCache:
 
     @property
     def graph_safe(self) -> bool:
-        return self.policy.kind in GRAPH_SAFE
+        """Whether a CUDA graph of one pass replays what this cache would do (trivially so when
+        the model has no compressed weights)."""
+        return not self._weights or self.policy.kind in GRAPH_SAFE
 
     def count_fused(self) -> None:
         self.fused_calls += 1

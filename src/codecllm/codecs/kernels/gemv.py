@@ -91,8 +91,8 @@ MAX_BATCH = 8
 def _config(n: int, k: int, batch: int) -> tuple[int, int, int]:
     """(BLOCK_N, BK, num_warps), from the sweep in benchmarks/gemv.py on an H100."""
     if batch == 1:
-        return 8, 512, 2
-    return 32, 256, 4  # tensor-core path
+        return 4, 1024, 2
+    return 16, 256, 4  # tensor-core path
 
 
 def _launch(x2d, n, k, out, weight=None, nibble=None, config=None):
