@@ -1,0 +1,47 @@
+"""Do all paths produce the baseline's tokens on a long greedy generation? Where they do not,
+where do they first diverge, and does a path disagree with itself across runs (a race)?
+
+    python benchmarks/consistency.py [--model tinyllama-1.1b] [--new 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import codecllm
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="tinyllama-1.1b")
+    parser.add_argument("--new", type=int, default=256)
+    args = parser.parse_args()
+    config = codecllm.models.ModelConfig.from_name(args.model)
+    prompt = torch.randint(0, config.vocab_size, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    runs = {}
+    cases = [("bf16 eager", None, "auto", False), ("bf16 graph", None, "auto", True),
+             ("nibble fused graph", "nibble", "fused", True), ("nibble fused eager", "nibble", "fused", False),
+             ("huffman auto:10% eager", "huffman", f"auto:{int(config.parameter_count() * 0.2)}", False),
+             ("huffman pin:20 eager", "huffman", "pin:20", False), ("huffman none eager", "huffman", "none", False)]
+    for label, weights, cache, graphs in cases:
+        model = codecllm.load(args.model, device="cuda", weights=weights, cache=cache, cuda_graphs=graphs)
+        outs = [model.generate(prompt, args.new) for _ in range(3)]
+        runs[label] = outs[0]
+        stable = all(o == outs[0] for o in outs)
+        diff = first_difference(outs[0], runs["bf16 eager"])
+        print(f"{label:26s} stable across 3 runs: {stable}; first difference from bf16 eager: {diff}", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
