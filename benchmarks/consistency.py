@@ -24,7 +24,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="tinyllama-1.1b")
     parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch.use_deterministic_algorithms (set CUBLAS_WORKSPACE_CONFIG=:4096:8 too)")
+    parser.add_argument("--cases", default="", help="comma-separated labels to run (default: all)")
     args = parser.parse_args()
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
     config = codecllm.models.ModelConfig.from_name(args.model)
     prompt = torch.randint(0, config.vocab_size, (128,), generator=torch.Generator().manual_seed(0)).tolist()
     runs = {}
@@ -32,7 +37,10 @@ def main() -> None:
              ("nibble fused graph", "nibble", "fused", True), ("nibble fused eager", "nibble", "fused", False),
              ("huffman auto:10% eager", "huffman", f"auto:{int(config.parameter_count() * 0.2)}", False),
              ("huffman pin:20 eager", "huffman", "pin:20", False), ("huffman none eager", "huffman", "none", False)]
+    wanted = set(args.cases.split(",")) if args.cases else None
     for label, weights, cache, graphs in cases:
+        if wanted and label not in wanted and label != "bf16 eager":
+            continue
         model = codecllm.load(args.model, device="cuda", weights=weights, cache=cache, cuda_graphs=graphs)
         outs = [model.generate(prompt, args.new) for _ in range(3)]
         runs[label] = outs[0]
