@@ -202,8 +202,10 @@ def main() -> None:
                 r["same_tokens_as_bf16"] = r["tokens"] == baseline_tokens
     prefill = {}
     if "prefill" not in skip:
-        for label, weights, cache in (("bf16", None, "auto"), ("nibble (decompress per layer)", "nibble", "fused"),
-                                      ("huffman (decompress per layer)", "huffman", "none")):
+        cases = [("bf16", None, "auto"), ("nibble (decompress per layer)", "nibble", "fused")]
+        if "huffman" not in skip:
+            cases.append(("huffman (decompress per layer)", "huffman", "none"))
+        for label, weights, cache in cases:
             length = min(2048, config.max_position_embeddings - 1)
             prefill[label] = prefill_speed(args.model, length, weights, cache)
             print(f"prefill {length} {label:34s} {prefill[label]:9.0f} tok/s", flush=True)
