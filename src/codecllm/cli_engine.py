@@ -30,7 +30,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory, codecllm checkpoint, or named config (random weights)")
     p.add_argument("--weights", choices=list(CODECS), help="compress on load with this codec")
     p.add_argument("--cache", default="auto",
-                   help="weight-cache policy: none, per-pass, lru:K, pin:K, auto[:BYTES], all")
+                   help="weight-cache policy: none, per-pass, lru:K, pin:K, auto[:BYTES], all, fused")
     p.add_argument("--kv", default="on", help="KV cache on or off")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: as stored)")

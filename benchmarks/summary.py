@@ -1,0 +1,55 @@
+"""Collect the headline figures of the latest result files into benchmarks/results/summary.json.
+
+    python benchmarks/summary.py [--gpu NVIDIA-H100-80GB-HBM3]
+
+Every figure is copied from a result file written by another script (named in "sources");
+nothing here is measured or typed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gpu", default="NVIDIA-H100-80GB-HBM3")
+    args = parser.parse_args()
+    summary: dict = {"roofline_fraction": {}, "nibble_vs_bf16": {}, "nibble_weight_fraction": {},
+                     "hf_eager_tok_s": {}, "codecllm_bf16_tok_s": {}, "codecllm_nibble_tok_s": {}, "sources": []}
+    for path in sorted(RESULTS.glob(f"decode-*-{args.gpu}.json")):
+        data = json.loads(path.read_text())
+        rows, model = data["rows"], data["model"]
+        best_bf16 = max((r for k, r in rows.items() if k.startswith("codecllm bf16") and "tok_s" in r),
+                        key=lambda r: r["tok_s"])
+        nibble = rows.get("codecllm nibble fused, CUDA graph", {})
+        summary["roofline_fraction"][model] = best_bf16["roofline_fraction"]
+        summary["codecllm_bf16_tok_s"][model] = best_bf16["tok_s"]
+        summary["hf_eager_tok_s"][model] = rows.get("HF transformers eager", {}).get("tok_s")
+        if "tok_s" in nibble:
+            summary["codecllm_nibble_tok_s"][model] = nibble["tok_s"]
+            summary["nibble_vs_bf16"][model] = nibble["tok_s"] / best_bf16["tok_s"]
+            summary["nibble_weight_fraction"][model] = nibble["weights_held"] / nibble["weights_original"]
+        offload = rows.get("codecllm huffman offload (host RAM, prefetch)")
+        if offload and "h2d_gbps_achieved" in offload:
+            summary["offload_h2d_fraction"] = offload["h2d_gbps_achieved"] * 1e9 / data["h2d_bandwidth"]
+        summary.update(gpu=data["environment"]["gpu"], date=data["environment"]["date"],
+                       torch=data["environment"]["torch"])
+        summary["sources"].append(path.name)
+    codecs = RESULTS / f"codecs-{args.gpu}.json"
+    if codecs.exists():
+        rows = {r["codec"]: r for r in json.loads(codecs.read_text())["rows"]}
+        summary["huffman_decode_gbps"] = rows["codecllm huffman"].get("gpu_decode_gbps")
+        summary["dfloat11_decode_gbps"] = rows.get("DFloat11 0.5.0", {}).get("gpu_decode_gbps")
+        summary["sources"].append(codecs.name)
+    out = RESULTS / "summary.json"
+    out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
