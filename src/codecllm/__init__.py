@@ -3,6 +3,8 @@
 from codecllm.checkpoint import compress_checkpoint, load_state_dict
 from codecllm.codecs import EncodedTensor, decode, encode
 from codecllm.engine import Model, load
+from codecllm.generate import generate
+from codecllm.kv import disable_kv_cache, enable_kv_cache
 from codecllm.errors import CacheError, CheckpointError, CodecError, CodecllmError, ConfigError
 from codecllm.weights import compress_model
 
@@ -17,6 +19,9 @@ __all__ = [
     "EncodedTensor",
     "Model",
     "compress_model",
+    "disable_kv_cache",
+    "enable_kv_cache",
+    "generate",
     "load",
     "compress_checkpoint",
     "load_state_dict",

@@ -230,3 +230,58 @@ def _graphed_decode(graph: DecodeGraph, padding, positions, logits, max_new_toke
                 on_step(i)
     finally:
         graph.finish()
+
+
+def _logits_of(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output.logits
+
+
+@torch.inference_mode()
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None):
+    """Generate with any supported model: a codecllm Model, one of our modules, or a model we did
+    not write (`model(ids)` -> logits, a tuple starting with them, or an object with .logits).
+    Cached when enable_kv_cache(model) was called (or our models' own cache), full recompute
+    otherwise. input_ids: a list of ids, a 1-D or a (batch, length) tensor; returns the new ids
+    in the same form."""
+    from codecllm.engine import Model
+    from codecllm.kv.enable import attached_cache
+    from codecllm.models.gpt2 import GPT2LMHeadModel
+    from codecllm.models.llama import LlamaForCausalLM
+
+    OUR_MODELS = (LlamaForCausalLM, GPT2LMHeadModel)  # noqa: N806
+
+    if isinstance(model, Model):
+        return model.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    form = "list" if isinstance(input_ids, (list, tuple)) else ("1d" if input_ids.dim() == 1 else "2d")
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(input_ids, device=device).view(1, -1) if form != "2d" else input_ids.to(device)
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    cache = attached_cache(model)
+    new = []
+    if isinstance(model, OUR_MODELS):  # they take positions, a mask and our KVCache directly
+        padding = torch.ones_like(ids, dtype=torch.bool)
+        steps = generate_tokens(model, ids, padding, max_new_tokens, max_len=model.config.max_position_embeddings,
+                                sampling=sampling)
+        new = list(steps)
+    else:
+        if cache is not None:
+            cache.reset()
+        logits = _logits_of(model(ids))
+        sequence = ids
+        for step in range(max_new_tokens):
+            token = sample(logits[:, -1].float(), sampling, generator)
+            new.append(token)
+            if step == max_new_tokens - 1:
+                break
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            logits = _logits_of(model(token[:, None] if cache is not None else sequence))
+    out = torch.stack(new, dim=1) if new else ids.new_zeros(ids.shape[0], 0)
+    if form == "list":
+        return out[0].tolist()
+    return out[0] if form == "1d" else out
