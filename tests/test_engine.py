@@ -87,7 +87,7 @@ def test_cli_generate(capsys):
 
 def test_cli_generate_bad_kv(capsys):
     assert main(["generate", "tiny", "-p", "x", "--kv", "maybe"]) == 1
-    assert "--kv takes on or off" in capsys.readouterr().err
+    assert "--kv takes on, off" in capsys.readouterr().err
 
 
 def test_cli_bench_summary_json_and_plots(tmp_path, capsys):
@@ -114,3 +114,14 @@ def test_chat_reads_until_eof(monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", fake_input)
     assert main(["chat", "tiny", "--max-new-tokens", "3", "--kv", "off"]) == 0
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_cli_bench_kv(tmp_path, capsys):
+    out = tmp_path / "kv.json"
+    assert main(["bench", "kv", "--lengths", "5,20", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "with cache (tok/s)" in text and "greedy agreement" in text
+    report = json.loads(out.read_text())
+    quality = {r["kv"]: r for r in report["quality"]}
+    assert quality["int8"]["memory_vs_full"] <= 0.55 and quality["int4"]["memory_vs_full"] <= 0.30
+    assert quality["on"]["greedy_agreement"] == 1.0

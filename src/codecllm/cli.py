@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) == "bench" and args.model is None:
+    if getattr(args, "command", None) == "bench" and args.model is None:  # (bench kv picks its own)
         args.model = "tinyllama-1.1b" if torch.cuda.is_available() else "tiny"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

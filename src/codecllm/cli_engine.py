@@ -20,10 +20,12 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _kv(value: str) -> bool:
-    if value not in ("on", "off"):
-        raise ConfigError(f"--kv takes on or off, got {value!r}")
-    return value == "on"
+def _kv(value: str) -> str:
+    from codecllm.kv.variants import KV_VARIANTS
+
+    if value not in KV_VARIANTS:
+        raise ConfigError(f"--kv takes {', '.join(KV_VARIANTS)}, got {value!r}")
+    return value
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -31,7 +33,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=list(CODECS), help="compress on load with this codec")
     p.add_argument("--cache", default="auto",
                    help="weight-cache policy: none, per-pass, lru:K, pin:K, auto[:BYTES], all, fused")
-    p.add_argument("--kv", default="on", help="KV cache on or off")
+    p.add_argument("--kv", default="on", help="KV cache: on, off, int8 or int4 (quantized)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: as stored)")
     p.add_argument("--storage", default="gpu", choices=["gpu", "cpu"], help="where compressed bytes live")
@@ -66,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     model = _load(args)
-    print(f"codecllm chat: {args.model} (KV cache {'on' if model.kv else 'off'}). Empty line or Ctrl-D quits.")
+    print(f"codecllm chat: {args.model} (KV cache {model.kv}). Empty line or Ctrl-D quits.")
     history: list[int] = []
     while True:
         try:
@@ -89,7 +91,52 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history += reply
 
 
+def cmd_bench_kv(args: argparse.Namespace) -> int:
+    from codecllm.bench import kv_bench as kb
+
+    device = args.device or _default_device()
+    model_name = args.kv_model or ("tinyllama-1.1b" if device.startswith("cuda") else "tiny")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    speed = kb.speed_by_length(model_name, device, lengths)
+    print(f"## Generation speed with and without a KV cache ({model_name}, {device})\n")
+    print(kb.format_speed(speed))
+    memory = kb.memory_by_config()
+    print("\n## KV cache memory per sequence (`codecllm.kv.cache_bytes`)\n")
+    print(kb.format_memory(memory))
+    quality = kb.quantized_quality(load(model_name, device=device))
+    print(f"\n## Quantized KV caches on a fixed text ({model_name}, teacher-forced, token by token)\n")
+    print(kb.format_quality(quality))
+    report = {"model": model_name, "device": device, "speed": speed, "memory": memory, "quality": quality}
+    if args.json:
+        from codecllm.report import environment
+
+        report["environment"] = environment()
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        Path(args.plot).mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["tokens"] for r in speed], [r["no_cache_tok_s"] for r in speed], marker="o", label="no cache")
+        ax.plot([r["tokens"] for r in speed], [r["cache_tok_s"] for r in speed], marker="s", label="KV cache")
+        ax.set_xscale("log")
+        ax.set_xlabel("generated tokens")
+        ax.set_ylabel("tokens / s")
+        ax.set_title(f"KV cache speedup by generation length ({model_name})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(Path(args.plot) / "kv_speed.png", dpi=120)
+        print(f"wrote {Path(args.plot) / 'kv_speed.png'}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.model == "kv":
+        return cmd_bench_kv(args)
     from codecllm.bench import engine_bench as eb
 
     device = args.device or _default_device()
@@ -150,9 +197,12 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("bench", help="baseline vs compressed: speed, memory, cache statistics")
+    p = sub.add_parser("bench", help="baseline vs compressed: speed, memory, cache statistics ('bench kv': KV caches)")
     p.add_argument("model", nargs="?", default=None,
-                   help="model directory or named config (default: tiny on CPU, tinyllama-1.1b on a GPU)")
+                   help="model directory or named config (default: tiny on CPU, tinyllama-1.1b on a GPU); "
+                        "'kv' runs the KV-cache benchmark instead")
+    p.add_argument("--kv-model", default=None, help="with 'bench kv': the model (default as above)")
+    p.add_argument("--lengths", default="10,25,50,100,250,1000", help="with 'bench kv': generation lengths")
     p.add_argument("--weights", default="huffman", choices=[c for c in CODECS if c != "raw"])
     p.add_argument("--policies", default=",".join(("none", "per-pass", "lru:20", "pin:20", "auto:64MB", "all")))
     p.add_argument("-p", "--prompt", default="The capital of France is")

@@ -12,6 +12,7 @@ from torch import nn
 from codecllm.errors import ConfigError
 from codecllm.generate import Sampling, generate_tokens
 from codecllm.kv.cache import cache_bytes
+from codecllm.kv.variants import parse_kv
 from codecllm.models.config import ModelConfig
 from codecllm.models.layers import rope_inverse_frequencies
 from codecllm.models.loader import build_model, load_weights, resolve
@@ -37,10 +38,10 @@ class Model:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        possible = self.device.type == "cuda" and self.kv and self.weight_cache.graph_safe
+        possible = self.device.type == "cuda" and self.kv == "on" and self.weight_cache.graph_safe
         if self.cuda_graphs and not possible:
             raise ConfigError(
-                f"CUDA graphs need a CUDA device, kv=True and a graph-safe cache policy "
+                f"CUDA graphs need a CUDA device, kv='on' (not quantized) and a graph-safe cache policy "
                 f"(none, per-pass, pin:K, all, fused); have device={self.device.type}, kv={self.kv}, "
                 f"cache={self.weight_cache.policy}"
             )
@@ -173,7 +174,7 @@ class Model:
 
 
 def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         weights: str | None = None, cache: str = "auto", kv: bool = True, storage: str = "gpu",
+         weights: str | None = None, cache: str = "auto", kv: bool | str = True, storage: str = "gpu",
          layers: str | None = None, seed: int = 0, log: Callable[[str], None] | None = None,
          cuda_graphs: bool | None = None) -> Model:
     """Load a model from a HF-layout directory, a codecllm checkpoint, or a named config (seeded
@@ -181,7 +182,8 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
 
     weights: a codec name to compress on load ('huffman', 'nibble', ...), or None for as stored.
     cache: the weight-cache policy ('none', 'per-pass', 'lru:K', 'pin:K', 'auto[:BYTES]', 'all').
-    kv: use a KV cache (False recomputes the whole sequence each step).
+    kv: True/'on' a KV cache in the model's dtype, 'int8' / 'int4' a quantized one, False/'off'
+    none (every step recomputes the whole sequence).
     cuda_graphs: replay each decode step as a CUDA graph; None = wherever that is faithful
     (CUDA, kv=True, a cache policy that does the same work every pass).
     storage: where compressed bytes live, 'gpu' (the compute device) or 'cpu' (host RAM).
@@ -206,7 +208,7 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
     if weights is not None:
         compress_model(module, weights, layers=layers, storage=storage, cache=weight_cache)
     tokenizer = load_tokenizer(directory, config.vocab_size, config.bos_token_id, config.eos_token_id)
-    model = Model(module, config, tokenizer, weight_cache, device, kv, str(path_or_config), cuda_graphs)
+    model = Model(module, config, tokenizer, weight_cache, device, parse_kv(kv), str(path_or_config), cuda_graphs)
     model.log = log
     return model
 

@@ -66,7 +66,7 @@ def generate_tokens(
     *,
     max_len: int,
     sampling: Sampling | None = None,
-    kv: bool = True,
+    kv: bool | str = True,
     kv_dtype: torch.dtype | None = None,
     on_step: Callable[[int], None] | None = None,
     cuda_graph: bool = False,
@@ -93,12 +93,15 @@ def generate_tokens(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    from codecllm.kv.variants import make_kv_cache, parse_kv
+
+    variant = parse_kv(kv)
     cache = graph = None
-    if kv:
+    if variant != "off":
         config = model.config
         dtype = kv_dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         length = prompt_len + max_new_tokens
-        if cuda_graph and max_new_tokens > 1:
+        if cuda_graph and max_new_tokens > 1 and variant == "on":
             length = graph_cache_length(length, max_len)
             key = (batch, length, sampling.temperature == 0)
             graphs = {} if graphs is None else graphs
@@ -109,7 +112,7 @@ def generate_tokens(
             cache = graph.cache
             cache.reset()
         else:
-            cache = KVCache.for_config(config, batch, length, dtype, device)
+            cache = make_kv_cache(variant, config, batch, length, dtype, device)
 
     tokens, mask_padding = input_ids, padding
     positions = positions_of(padding)

@@ -1,0 +1,32 @@
+"""KV cache variants selected by name: on (bf16/fp16, the model's dtype), off, int8, int4."""
+
+from __future__ import annotations
+
+import torch
+
+from codecllm.errors import CacheError
+from codecllm.kv.cache import KVCache
+from codecllm.kv.quantized import QuantizedKVCache
+from codecllm.models.config import ModelConfig
+
+KV_VARIANTS = ("on", "off", "int8", "int4")
+
+
+def parse_kv(spec: bool | str) -> str:
+    """True/'on' -> 'on', False/'off' -> 'off', 'int8', 'int4'. Raises CacheError otherwise."""
+    if spec is True:
+        return "on"
+    if spec is False or spec is None:
+        return "off"
+    text = str(spec).strip().lower()
+    if text in KV_VARIANTS:
+        return text
+    raise CacheError(f"unknown KV cache {spec!r}; choose one of: {', '.join(KV_VARIANTS)}")
+
+
+def make_kv_cache(variant: str, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+    if variant == "on":
+        return KVCache.for_config(config, batch, max_len, dtype, device)
+    if variant in ("int8", "int4"):
+        return QuantizedKVCache.for_config(config, batch, max_len, bits=int(variant[3:]), dtype=dtype, device=device)
+    raise CacheError(f"no cache for KV variant {variant!r}")
