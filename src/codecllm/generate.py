@@ -83,7 +83,13 @@ def generate_tokens(
         raise ConfigError("the prompt is empty: give at least one token")
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if prompt_len + max_new_tokens > max_len:
+    from codecllm.kv.variants import make_kv_cache, parse_kv
+
+    variant = parse_kv(kv)
+    unbounded = variant.startswith("sliding:")
+    if unbounded and (not bool(padding.all()) or model.config.arch == "gpt2"):
+        raise ConfigError("the sliding-window KV cache takes unpadded prompts of RoPE models (not gpt2)")
+    if prompt_len + max_new_tokens > max_len and not unbounded:
         raise ConfigError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"maximum length {max_len}"
@@ -93,14 +99,11 @@ def generate_tokens(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    from codecllm.kv.variants import make_kv_cache, parse_kv
-
-    variant = parse_kv(kv)
     cache = graph = None
     if variant != "off":
         config = model.config
         dtype = kv_dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        length = prompt_len + max_new_tokens
+        length = min(prompt_len + max_new_tokens, max_len)
         if cuda_graph and max_new_tokens > 1 and variant == "on":
             length = graph_cache_length(length, max_len)
             key = (batch, length, sampling.temperature == 0)
@@ -134,7 +137,11 @@ def generate_tokens(
         if cache is not None:
             position = positions[:, -1:] + 1
             positions = torch.cat([positions, position], dim=1)
-            logits = model(next_token[:, None], position, causal_mask(mask_padding, 1, total, device), cache)
+            if unbounded:  # the sliding window keeps only real past tokens: attend to all of them
+                mask = None
+            else:
+                mask = causal_mask(mask_padding, 1, total, device)
+            logits = model(next_token[:, None], position, mask, cache)
             cache.advance(1)
         else:
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)

@@ -63,7 +63,9 @@ class QuantizedKVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
         if end > self.max_len:
-            raise CacheError(f"KV cache is full: {self.length} tokens stored + {k.shape[2]} new > max_len {self.max_len}")
+            raise CacheError(
+                f"KV cache is full: {self.length} tokens stored + {k.shape[2]} new > max_len {self.max_len}"
+            )
         for i, x in enumerate((k, v)):
             q, scale = self._quantize(x)
             self.data[layer, i, :, :, self.length:end] = q

@@ -7,9 +7,10 @@ import torch
 from codecllm.errors import CacheError
 from codecllm.kv.cache import KVCache
 from codecllm.kv.quantized import QuantizedKVCache
+from codecllm.kv.sliding import SlidingWindowKVCache
 from codecllm.models.config import ModelConfig
 
-KV_VARIANTS = ("on", "off", "int8", "int4")
+KV_VARIANTS = ("on", "off", "int8", "int4", "sliding:W[:SINKS]")
 
 
 def parse_kv(spec: bool | str) -> str:
@@ -19,8 +20,13 @@ def parse_kv(spec: bool | str) -> str:
     if spec is False or spec is None:
         return "off"
     text = str(spec).strip().lower()
-    if text in KV_VARIANTS:
+    if text in ("on", "off", "int8", "int4"):
         return text
+    if text == "sliding" or text.startswith("sliding:"):
+        parts = text.split(":")[1:]
+        if 1 <= len(parts) <= 2 and all(p.isdigit() for p in parts) and int(parts[0]) > 0:
+            return text
+        raise CacheError(f"KV cache {spec!r}: write sliding:WINDOW or sliding:WINDOW:SINKS, e.g. sliding:512:4")
     raise CacheError(f"unknown KV cache {spec!r}; choose one of: {', '.join(KV_VARIANTS)}")
 
 
@@ -29,4 +35,7 @@ def make_kv_cache(variant: str, config: ModelConfig, batch: int, max_len: int, d
         return KVCache.for_config(config, batch, max_len, dtype, device)
     if variant in ("int8", "int4"):
         return QuantizedKVCache.for_config(config, batch, max_len, bits=int(variant[3:]), dtype=dtype, device=device)
+    if variant.startswith("sliding:"):
+        window, *sinks = (int(p) for p in variant.split(":")[1:])
+        return SlidingWindowKVCache.for_config(config, batch, window, sinks[0] if sinks else 4, dtype, device)
     raise CacheError(f"no cache for KV variant {variant!r}")
