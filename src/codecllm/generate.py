@@ -89,6 +89,8 @@ def generate_tokens(
     unbounded = variant.startswith("sliding:")
     if unbounded and (not bool(padding.all()) or model.config.arch == "gpt2"):
         raise ConfigError("the sliding-window KV cache takes unpadded prompts of RoPE models (not gpt2)")
+    if model.config.arch == "mambaformer" and not bool(padding.all()):
+        raise ConfigError("the hybrid Mamba/attention model takes unpadded prompts (its state would absorb padding)")
     if prompt_len + max_new_tokens > max_len and not unbounded:
         raise ConfigError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
@@ -104,7 +106,7 @@ def generate_tokens(
         config = model.config
         dtype = kv_dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         length = min(prompt_len + max_new_tokens, max_len)
-        if cuda_graph and max_new_tokens > 1 and variant == "on":
+        if cuda_graph and max_new_tokens > 1 and variant == "on" and config.arch != "mambaformer":
             length = graph_cache_length(length, max_len)
             key = (batch, length, sampling.temperature == 0)
             graphs = {} if graphs is None else graphs

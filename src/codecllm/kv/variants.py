@@ -31,6 +31,12 @@ def parse_kv(spec: bool | str) -> str:
 
 
 def make_kv_cache(variant: str, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+    if config.arch == "mambaformer":
+        if variant != "on":
+            raise CacheError(f"the hybrid Mamba/attention model takes kv on or off, not {variant!r}")
+        from codecllm.models.mambaformer import HybridCache
+
+        return HybridCache(config, batch, max_len, dtype, device)
     if variant == "on":
         return KVCache.for_config(config, batch, max_len, dtype, device)
     if variant in ("int8", "int4"):

@@ -9,7 +9,7 @@ from typing import Any
 
 from codecllm.errors import ConfigError
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mambaformer")
 
 # Hugging Face `model_type` -> our architecture family.
 HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
@@ -40,6 +40,10 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     dtype: str = "bfloat16"
+    # MambaFormer (hybrid) only: selective-SSM state size, causal conv width, inner expansion.
+    ssm_state_size: int = 16
+    ssm_conv_kernel: int = 4
+    ssm_expand: int = 2
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +78,13 @@ class ModelConfig:
         return self.num_hidden_layers * per_block + 1
 
     def parameter_count(self) -> int:
+        if self.arch == "mambaformer":
+            import torch
+
+            from codecllm.models.loader import build_model
+
+            with torch.device("meta"):
+                return sum(p.numel() for p in build_model(self).parameters())
         h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
         q = self.num_attention_heads * self.head_dim
         if self.arch == "gpt2":
@@ -229,6 +240,12 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
                          max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1000000.0,
                          tie_word_embeddings=True, attention_bias=True,
                          bos_token_id=151643, eos_token_id=151643),
+    # Seed 003's hybrid: an initial Mamba block, then (attention, Mamba) pairs.
+    "mambaformer-tiny": dict(arch="mambaformer", vocab_size=320, hidden_size=128, intermediate_size=256,
+                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024,
+                             bos_token_id=256, eos_token_id=257, dtype="float32"),
+    "mambaformer-small": dict(arch="mambaformer", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                              num_hidden_layers=8, num_attention_heads=12, max_position_embeddings=2048),
     "gpt2": dict(arch="gpt2", vocab_size=50257, hidden_size=768, intermediate_size=3072,
                  num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=1024,
                  tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256, dtype="float32"),

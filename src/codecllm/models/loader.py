@@ -20,6 +20,10 @@ from codecllm.weights.modules import CompressedEmbedding, CompressedLinear
 
 
 def build_model(config: ModelConfig) -> nn.Module:
+    if config.arch == "mambaformer":
+        from codecllm.models.mambaformer import MambaFormer
+
+        return MambaFormer(config)
     return GPT2LMHeadModel(config) if config.arch == "gpt2" else LlamaForCausalLM(config)
 
 

@@ -18,7 +18,13 @@ from codecllm.models.config import ModelConfig
 
 
 def hf_parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Hugging Face parameter names and shapes for `config` (what transformers saves)."""
+    """Hugging Face parameter names and shapes for `config` (what transformers saves); for our
+    own architectures (mambaformer), the names and shapes of our module."""
+    if config.arch == "mambaformer":
+        from codecllm.models.loader import build_model
+
+        with torch.device("meta"):
+            return {n: tuple(p.shape) for n, p in build_model(config).named_parameters()}
     h, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {}
     if config.arch == "gpt2":
@@ -74,6 +80,10 @@ def random_state_dict(
         is_norm = len(shape) == 1 and ("norm" in name or ".ln_" in name) and name.endswith("weight")
         if is_norm:
             t = 1.0 + 0.1 * t
+        elif name.endswith("A_log"):  # the SSM's standard init: decay rates 1..state_size
+            t = torch.log(torch.arange(1, shape[1] + 1, dtype=torch.float32, device=device)).repeat(shape[0], 1)
+        elif name.endswith(".D"):
+            t = torch.ones(shape, device=device)
         else:
             t = 0.02 * t
         state[name] = t.to(dtype)
