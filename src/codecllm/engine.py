@@ -140,6 +140,18 @@ class Model:
         cache = self.weight_cache
         self.log(f"Token {step}: took {took:.3f}s, total {total:.3f}s, cache={len(cache.entries)}/{cache.capacity}")
 
+    # ---- expert vectors --------------------------------------------------------------------------
+
+    def set_expert_vectors(self, vectors: dict[str, torch.Tensor] | None) -> None:
+        """Adapt linear layers: W = U diag(s) Vᵀ -> U diag(s·z) Vᵀ, z of length min(in, out) per
+        named layer; None restores the base model exactly. Compressed base weights stay compressed;
+        decompressed cache entries of those layers and every KV/state cache built before are
+        invalidated (a stale cache raises CacheError instead of being read)."""
+        from codecllm.weights.experts import apply_expert_vectors
+
+        apply_expert_vectors(self.module, vectors)
+        self._graphs.clear()  # captured graphs read the old weights
+
     # ---- introspection -------------------------------------------------------------------------
 
     def stats(self) -> dict:

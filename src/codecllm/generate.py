@@ -16,6 +16,7 @@ from torch import nn
 from codecllm.errors import ConfigError
 from codecllm.kv.cache import KVCache
 from codecllm.models.layers import causal_mask
+from codecllm.weights.experts import stamp
 
 
 @dataclass
@@ -116,8 +117,9 @@ def generate_tokens(
             graph = graphs[key]
             cache = graph.cache
             cache.reset()
+            stamp(cache, model)
         else:
-            cache = make_kv_cache(variant, config, batch, length, dtype, device)
+            cache = stamp(make_kv_cache(variant, config, batch, length, dtype, device), model)
 
     tokens, mask_padding = input_ids, padding
     positions = positions_of(padding)

@@ -9,6 +9,7 @@ from torch import nn
 
 from codecllm.models.config import ModelConfig
 from codecllm.models.layers import attention
+from codecllm.weights.experts import check_fresh
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -72,6 +73,8 @@ class GPT2LMHeadModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                 kv_cache=None) -> torch.Tensor:
+        if kv_cache is not None:
+            check_fresh(kv_cache, self)
         t = self.transformer
         x = t.wte(input_ids) + t.wpe(positions)
         for block in t.h:

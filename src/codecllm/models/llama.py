@@ -12,6 +12,7 @@ from torch import nn
 
 from codecllm.models.config import ModelConfig
 from codecllm.models.layers import RMSNorm, apply_rope, attention, rope_cos_sin, rope_inverse_frequencies
+from codecllm.weights.experts import check_fresh
 
 
 class LlamaAttention(nn.Module):
@@ -93,6 +94,8 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                 kv_cache=None) -> torch.Tensor:
+        if kv_cache is not None:
+            check_fresh(kv_cache, self)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for block in self.model.layers:

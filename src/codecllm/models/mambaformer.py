@@ -20,6 +20,7 @@ from codecllm.errors import CacheError
 from codecllm.kv.cache import KVCache
 from codecllm.models.config import ModelConfig
 from codecllm.models.layers import RMSNorm, attention
+from codecllm.weights.experts import check_fresh, stamp
 
 
 class MambaBlock(nn.Module):
@@ -165,6 +166,10 @@ class MambaFormer(nn.Module):
             b, t = input_ids.shape
             cache = HybridCache(self.config, b, self.config.max_position_embeddings, self.embed_tokens.weight.dtype,
                                 input_ids.device)
+        if cache is not None:
+            if seed_form and past_key_values is None:
+                stamp(cache, self)
+            check_fresh(cache, self)
         t = input_ids.shape[1]
         if mask is None:
             start = cache.length if cache is not None else 0

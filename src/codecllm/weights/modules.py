@@ -53,7 +53,11 @@ class CompressedLinear(_Compressed):
         bias = linear.bias.data if linear.bias is not None else None
         return cls(CompressedWeight(encoded, name), bias, cache, compute_device=device)
 
+    override: torch.Tensor | None = None  # an adapted weight (expert vectors) used instead of the base
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.override is not None:
+            return F.linear(x, self.override, self.bias)
         if self.cache.policy.kind == "fused" and self._fusable(x):
             self.cache.count_fused()
             y = self._fused_gemv()(x)
