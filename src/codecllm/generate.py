@@ -87,9 +87,9 @@ def generate_tokens(
     from codecllm.kv.variants import make_kv_cache, parse_kv
 
     variant = parse_kv(kv)
-    unbounded = variant.startswith("sliding:")
+    unbounded = variant.startswith(("sliding:", "h2o:"))
     if unbounded and (not bool(padding.all()) or model.config.arch == "gpt2"):
-        raise ConfigError("the sliding-window KV cache takes unpadded prompts of RoPE models (not gpt2)")
+        raise ConfigError("sliding-window and h2o KV caches take unpadded prompts of RoPE models (not gpt2)")
     if model.config.arch == "mambaformer" and not bool(padding.all()):
         raise ConfigError("the hybrid Mamba/attention model takes unpadded prompts (its state would absorb padding)")
     if prompt_len + max_new_tokens > max_len and not unbounded:
@@ -119,7 +119,7 @@ def generate_tokens(
             cache.reset()
             stamp(cache, model)
         else:
-            cache = stamp(make_kv_cache(variant, config, batch, length, dtype, device), model)
+            cache = stamp(make_kv_cache(variant, config, batch, length, dtype, device, prompt_len), model)
 
     tokens, mask_padding = input_ids, padding
     positions = positions_of(padding)
@@ -141,7 +141,7 @@ def generate_tokens(
         if cache is not None:
             position = positions[:, -1:] + 1
             positions = torch.cat([positions, position], dim=1)
-            if unbounded:  # the sliding window keeps only real past tokens: attend to all of them
+            if unbounded:  # these caches keep only real past tokens: attend to all of them
                 mask = None
             else:
                 mask = causal_mask(mask_padding, 1, total, device)

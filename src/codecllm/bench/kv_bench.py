@@ -18,6 +18,7 @@ from codecllm.models.layers import causal_mask
 from codecllm.report import format_table, human_bytes
 
 LENGTHS = (10, 25, 50, 100, 250, 1000)
+VARIANTS = ("on", "int8", "int4", "sliding:32:4", "h2o:36:8")  # the last two hold 36 tokens of the text
 FIXED_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age "
               "of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season "
               "of Light, it was the season of Darkness.")
@@ -62,18 +63,20 @@ def memory_by_config(seq_len: int = 2048) -> list[dict[str, Any]]:
 @torch.inference_mode()
 def quantized_quality(model: Model, text: str = FIXED_TEXT) -> list[dict[str, Any]]:
     """Teacher-forced, token by token through each cache: perplexity and greedy agreement with
-    the exact (full-precision) cache, and the cache's bytes."""
+    the exact (full-precision) cache, and the cache's bytes (allocated: the sliding and h2o caches
+    hold at most 36 tokens however long the text)."""
     ids = torch.tensor([model.encode(text)], device=model.device)
     n = ids.shape[1]
     dtype = next(p.dtype for p in model.module.parameters() if p.is_floating_point())
     results, reference = [], None
-    for variant in ("on", "int8", "int4"):
-        cache = make_kv_cache(variant, model.config, 1, n, dtype, model.device)
+    for variant in VARIANTS:
+        cache = make_kv_cache(variant, model.config, 1, n, dtype, model.device, prompt_len=1)
         logits = []
         for t in range(n):
             padding = torch.ones(1, t + 1, dtype=torch.bool, device=model.device)
-            out = model.module(ids[:, t:t + 1], positions_of(padding)[:, -1:], causal_mask(padding, 1, t + 1,
-                                                                                        model.device), cache)
+            # Windowed and budgeted caches hold only past tokens: a decode step sees all of them.
+            mask = None if getattr(cache, "unbounded", False) else causal_mask(padding, 1, t + 1, model.device)
+            out = model.module(ids[:, t:t + 1], positions_of(padding)[:, -1:], mask, cache)
             cache.advance(1)
             logits.append(out[0, -1].float())
         logits = torch.stack(logits)

@@ -6,11 +6,12 @@ import torch
 
 from codecllm.errors import CacheError
 from codecllm.kv.cache import KVCache
+from codecllm.kv.heavy_hitter import HeavyHitterKVCache
 from codecllm.kv.quantized import QuantizedKVCache
 from codecllm.kv.sliding import SlidingWindowKVCache
 from codecllm.models.config import ModelConfig
 
-KV_VARIANTS = ("on", "off", "int8", "int4", "sliding:W[:SINKS]")
+KV_VARIANTS = ("on", "off", "int8", "int4", "sliding:W[:SINKS]", "h2o:BUDGET[:RECENT]")
 
 
 def parse_kv(spec: bool | str) -> str:
@@ -27,10 +28,16 @@ def parse_kv(spec: bool | str) -> str:
         if 1 <= len(parts) <= 2 and all(p.isdigit() for p in parts) and int(parts[0]) > 0:
             return text
         raise CacheError(f"KV cache {spec!r}: write sliding:WINDOW or sliding:WINDOW:SINKS, e.g. sliding:512:4")
+    if text == "h2o" or text.startswith("h2o:"):
+        parts = text.split(":")[1:]
+        if 1 <= len(parts) <= 2 and all(p.isdigit() for p in parts) and int(parts[0]) > 0:
+            return text
+        raise CacheError(f"KV cache {spec!r}: write h2o:BUDGET or h2o:BUDGET:RECENT, e.g. h2o:256:32")
     raise CacheError(f"unknown KV cache {spec!r}; choose one of: {', '.join(KV_VARIANTS)}")
 
 
-def make_kv_cache(variant: str, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+def make_kv_cache(variant: str, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device,
+                  prompt_len: int | None = None):
     if config.arch == "mambaformer":
         if variant != "on":
             raise CacheError(f"the hybrid Mamba/attention model takes kv on or off, not {variant!r}")
@@ -44,4 +51,9 @@ def make_kv_cache(variant: str, config: ModelConfig, batch: int, max_len: int, d
     if variant.startswith("sliding:"):
         window, *sinks = (int(p) for p in variant.split(":")[1:])
         return SlidingWindowKVCache.for_config(config, batch, window, sinks[0] if sinks else 4, dtype, device)
+    if variant.startswith("h2o:"):
+        budget, *recent = (int(p) for p in variant.split(":")[1:])
+        recent_tokens = recent[0] if recent else max(1, budget // 4)
+        return HeavyHitterKVCache.for_config(config, batch, budget, recent_tokens,
+                                             prompt_len or max_len, dtype, device)
     raise CacheError(f"no cache for KV variant {variant!r}")

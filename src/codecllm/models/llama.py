@@ -43,6 +43,8 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
+            if getattr(kv_cache, "wants_scores", False):  # score-based eviction (h2o)
+                kv_cache.observe(self.layer, q, k)
         y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
