@@ -13,7 +13,7 @@ import torch
 
 from codecllm.codecs import CODECS
 from codecllm.engine import load
-from codecllm.errors import ConfigError
+from codecllm.errors import CodecllmError, ConfigError
 
 
 def _default_device() -> str:
@@ -21,11 +21,12 @@ def _default_device() -> str:
 
 
 def _kv(value: str) -> str:
-    from codecllm.kv.variants import KV_VARIANTS
+    from codecllm.kv.variants import KV_VARIANTS, parse_kv
 
-    if value not in KV_VARIANTS:
-        raise ConfigError(f"--kv takes {', '.join(KV_VARIANTS)}, got {value!r}")
-    return value
+    try:
+        return parse_kv(value)
+    except CodecllmError:
+        raise ConfigError(f"--kv takes {', '.join(KV_VARIANTS)}, got {value!r}") from None
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=list(CODECS), help="compress on load with this codec")
     p.add_argument("--cache", default="auto",
                    help="weight-cache policy: none, per-pass, lru:K, pin:K, auto[:BYTES], all, fused")
-    p.add_argument("--kv", default="on", help="KV cache: on, off, int8 or int4 (quantized)")
+    p.add_argument("--kv", default="on", help="KV cache: on, off, int8, int4, sliding:W[:SINKS], h2o:BUDGET[:RECENT]")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: as stored)")
     p.add_argument("--storage", default="gpu", choices=["gpu", "cpu"], help="where compressed bytes live")
