@@ -92,7 +92,8 @@ def test_cli_generate_bad_kv(capsys):
 
 def test_cli_bench_summary_json_and_plots(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "tiny", "--weights", "nibble", "--policies", "none,pin:10,all", "--max-new-tokens", "3",
+    assert main(["bench", "tiny", "--device", "cpu", "--weights", "nibble", "--policies", "none,pin:10,all",
+                 "--max-new-tokens", "3",
                  "--json", str(out), "--plot", str(tmp_path / "plots")]) == 0
     text = capsys.readouterr().out
     assert "RESULTS SUMMARY" in text and "✓ Output matches baseline" in text and "✗" not in text

@@ -37,7 +37,7 @@ def speed_by_length(model_name: str, device: str, lengths=LENGTHS) -> list[dict[
         n = min(n, cached.config.max_position_embeddings - len(prompt))
         timings = {}
         for label, model in (("no cache", uncached), ("cache", cached)):
-            model.generate(prompt, 2)
+            model.generate(prompt, min(n, 10))  # warm-up: kernels, graphs, allocator
             _sync(model.device)
             start = time.perf_counter()
             model.generate(prompt, n)

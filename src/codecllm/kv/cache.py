@@ -18,7 +18,24 @@ def cache_bytes(config: ModelConfig, batch: int, seq_len: int, dtype: torch.dtyp
     return per_token * batch * seq_len * dtype.itemsize
 
 
-class KVCache:
+class CacheBase:
+    """What every KV cache variant shares: `length` counts the tokens seen; a forward pass writes
+    at [length, length + T) in every layer and `advance(T)` commits them after the pass."""
+
+    length: int = 0
+    slot: torch.Tensor | None = None  # static (CUDA-graph) write position, plain KVCache only
+
+    def advance(self, tokens: int) -> None:
+        self.length += tokens
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class KVCache(CacheBase):
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
         if min(num_layers, batch, kv_heads, max_len, head_dim) <= 0:
@@ -62,20 +79,10 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def advance(self, tokens: int) -> None:
-        """Commit the tokens the last forward pass wrote (called once per pass, after it)."""
-        self.length += tokens
-
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
-
-    def get_seq_length(self) -> int:
-        return self.length
 
     def crop(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise CacheError(f"cannot crop a cache of {self.length} tokens to {length}")
         self.length = length
-
-    def reset(self) -> None:
-        self.length = 0

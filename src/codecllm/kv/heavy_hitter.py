@@ -15,10 +15,11 @@ import math
 import torch
 
 from codecllm.errors import CacheError
+from codecllm.kv.cache import CacheBase
 from codecllm.models.config import ModelConfig
 
 
-class HeavyHitterKVCache:
+class HeavyHitterKVCache(CacheBase):
     unbounded = True
     wants_scores = True
 
@@ -90,9 +91,6 @@ class HeavyHitterKVCache:
         self.positions[layer, :kept] = self.positions[layer, index]
         self.stored[layer] = kept
         self.evicted += count
-
-    def get_seq_length(self) -> int:
-        return self.length
 
     def reset(self) -> None:
         self.length = 0

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 
 from codecllm.errors import CacheError
+from codecllm.kv.cache import CacheBase
 from codecllm.models.config import ModelConfig
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(CacheBase):
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, bits: int = 8,
                  group: int = 64, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
         if bits not in (4, 8):
@@ -77,12 +78,3 @@ class QuantizedKVCache:
         k = self._dequantize(self.data[layer, 0, :, :, :end], self.scales[layer, 0, :, :, :end])
         v = self._dequantize(self.data[layer, 1, :, :, :end], self.scales[layer, 1, :, :, :end])
         return k, v
-
-    def advance(self, tokens: int) -> None:
-        self.length += tokens
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def reset(self) -> None:
-        self.length = 0

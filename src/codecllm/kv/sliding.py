@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from codecllm.errors import CacheError
+from codecllm.kv.cache import CacheBase
 from codecllm.models.config import ModelConfig
 
 
-class SlidingWindowKVCache:
+class SlidingWindowKVCache(CacheBase):
     unbounded = True  # generation may run past the model's position limit at fixed memory
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, window: int, sinks: int = 4,
@@ -64,12 +65,3 @@ class SlidingWindowKVCache:
     def decode_mask(self) -> None:
         """A decode step may see every stored token: no mask."""
         return None
-
-    def advance(self, tokens: int) -> None:
-        self.length += tokens
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def reset(self) -> None:
-        self.length = 0
