@@ -84,3 +84,20 @@ def test_compress_model_on_transformers_model_keeps_logits():
     names = [n for n, m in hf.named_modules() if type(m).__name__ == "CompressedLinear"]
     assert "model.layers.0.self_attn.q_proj" in names and "lm_head" in names
     assert cache.stats()["forward_passes"] == 1
+
+
+@pytest.mark.parametrize("family", ["llama-llama3-rope", "qwen2-bias", "qwen3-qk-norm", "mistral"])
+def test_enable_kv_cache_on_transformers_models(family):
+    """Their generate() on our preallocated cache gives the same tokens as on their own cache."""
+    hf = hf_model(family)
+    ids = torch.tensor([PROMPT])
+    kwargs = dict(max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    with torch.no_grad():
+        theirs = hf.generate(ids, **kwargs)
+        holder = codecllm.enable_kv_cache(hf, max_seq_len=64)
+        ours = hf.generate(ids, **kwargs)
+    storage = holder["cache"].codecllm_storage
+    assert torch.equal(ours, theirs)
+    assert holder["cache"].layers[0].keys.data_ptr() == storage.k.data_ptr()
+    codecllm.disable_kv_cache(hf)
+    assert "generate" not in vars(hf)

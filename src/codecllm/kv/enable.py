@@ -63,10 +63,20 @@ def _find_layout(model: nn.Module):
     return attention, positions[0]
 
 
-def enable_kv_cache(model: nn.Module, max_seq_len: int | None = None) -> AttachedKVCache:
-    """Add a KV cache to `model` in place and return it. Raises ConfigError for unknown layouts."""
+def enable_kv_cache(model: nn.Module, max_seq_len: int | None = None):
+    """Add a KV cache to `model` in place and return it. Raises ConfigError for unknown layouts.
+
+    nanoGPT-style models: their attention runs on our cache (an AttachedKVCache is returned).
+    transformers models: their generate() uses our preallocated cache through their Cache
+    interface (a dict whose "cache" is the one the last generate call used)."""
     if getattr(model, _STATE, None) is not None:
         raise CacheError("this model already has a KV cache; call disable_kv_cache(model) first")
+    from codecllm.kv.hf_cache import is_transformers_model, patch_generate
+
+    if is_transformers_model(model):
+        holder = patch_generate(model, max_seq_len)
+        setattr(model, _STATE, ("transformers", holder))
+        return holder
     attention, wpe = _find_layout(model)
     max_seq_len = max_seq_len or wpe.num_embeddings
     if max_seq_len > wpe.num_embeddings:
@@ -99,6 +109,10 @@ def disable_kv_cache(model: nn.Module) -> None:
     saved = getattr(model, _STATE, None)
     if saved is None:
         return
+    if saved[0] == "transformers":
+        del model.generate  # the class's generate shows through again
+        setattr(model, _STATE, None)
+        return
     _, attention, wpe, hooks = saved
     for module in attention:
         del module.forward  # the instance attribute: the class's forward shows through again
@@ -110,7 +124,7 @@ def disable_kv_cache(model: nn.Module) -> None:
 
 def attached_cache(model: nn.Module) -> AttachedKVCache | None:
     saved = getattr(model, _STATE, None)
-    return saved[0] if saved else None
+    return saved[0] if saved and saved[0] != "transformers" else None
 
 
 def _offset_positions(state: AttachedKVCache):
