@@ -155,7 +155,18 @@ class Model:
     # ---- introspection -------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        return self.weight_cache.stats()
+        """Weight-cache statistics, plus the KV cache of the last generation: its variant, bytes
+        allocated, tokens seen and stored, and tokens evicted (h2o)."""
+        stats = self.weight_cache.stats()
+        cache = getattr(self.module, "_codecllm_last_kv", None)
+        stats["kv"] = self.kv
+        stats["kv_cache_bytes"] = getattr(cache, "nbytes", 0) if cache is not None else 0
+        stats["kv_tokens"] = cache.length if cache is not None else 0
+        stored = getattr(cache, "stored", None)
+        stats["kv_tokens_stored"] = (max(stored) if isinstance(stored, list) else stored) if stored is not None \
+            else stats["kv_tokens"]
+        stats["kv_evicted"] = getattr(cache, "evicted", 0) if cache is not None else 0
+        return stats
 
     def reset_stats(self) -> None:
         self.weight_cache.reset_stats()

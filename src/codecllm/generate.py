@@ -121,6 +121,7 @@ def generate_tokens(
         else:
             cache = stamp(make_kv_cache(variant, config, batch, length, dtype, device, prompt_len), model)
 
+    model._codecllm_last_kv = cache  # for Model.stats(): what the last generation's cache held
     tokens, mask_padding = input_ids, padding
     positions = positions_of(padding)
     logits = model(tokens, positions, causal_mask(padding, prompt_len, prompt_len, device), cache)

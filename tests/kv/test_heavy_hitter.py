@@ -46,3 +46,13 @@ def test_observe_adds_probabilities():
 def test_bad_specs(spec):
     with pytest.raises(CacheError):
         codecllm.load("tiny", kv=spec).generate([1, 2], 2)
+
+
+@pytest.mark.parametrize("kv, stored", [("on", 33), ("int8", 33), ("sliding:16:4", 20), ("h2o:16:4", 16)])
+def test_stats_report_the_kv_cache(kv, stored):
+    model = codecllm.load("tiny", kv=kv)
+    model.generate(list(range(1, 11)), 24)  # 10 + 24 tokens seen; the last token is never fed back
+    s = model.stats()
+    assert s["kv"] == kv and s["kv_tokens"] == 33 and s["kv_tokens_stored"] == stored
+    assert s["kv_cache_bytes"] > 0
+    assert (s["kv_evicted"] > 0) == kv.startswith("h2o")
