@@ -86,7 +86,7 @@ def test_compress_model_on_transformers_model_keeps_logits():
     assert cache.stats()["forward_passes"] == 1
 
 
-@pytest.mark.parametrize("family", ["llama-llama3-rope", "qwen2-bias", "qwen3-qk-norm", "mistral"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_enable_kv_cache_on_transformers_models(family):
     """Their generate() on our preallocated cache gives the same tokens as on their own cache."""
     hf = hf_model(family)
