@@ -102,6 +102,7 @@ class WeightCache:
         self.policy = parse_policy(policy)
         self.log, self.log_every = log, log_every
         self.entries: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._held = 0  # bytes of the tensors in `entries`, kept current by _put/_drop
         self.order: list[int] = []  # access order seen in the first pass: what to prefetch next
         self._position: dict[int, int] = {}
         self._weights: dict[int, CompressedWeight] = {}
@@ -133,7 +134,7 @@ class WeightCache:
 
     @property
     def cache_bytes(self) -> int:
-        held = sum(t.numel() * t.element_size() for t in self.entries.values())
+        held = self._held
         if self._prefetched is not None:
             held += self._prefetched[1].numel() * self._prefetched[1].element_size()
         return held
@@ -196,15 +197,15 @@ class WeightCache:
     def begin_pass(self) -> None:
         self.forward_passes += 1
         if self.policy.kind == "per-pass":
-            self.entries.clear()
+            self._drop_all()
 
     def clear(self) -> None:
-        self.entries.clear()
+        self._drop_all()
         self._prefetched = None
 
     def invalidate(self, weight: CompressedWeight) -> None:
         """Forget the decompressed copy of `weight` (its encoding changed)."""
-        self.entries.pop(id(weight), None)
+        self._drop(id(weight))
         if self._prefetched is not None and self._prefetched[0] == id(weight):
             self._prefetched = None
 
@@ -262,23 +263,35 @@ class WeightCache:
         self._cpu_decode_seconds += time.perf_counter() - start_s
         return tensor
 
+    def _put(self, key: int, tensor: torch.Tensor) -> None:
+        self._drop(key)
+        self.entries[key] = tensor
+        self._held += tensor.numel() * tensor.element_size()
+
+    def _drop(self, key: int) -> None:
+        tensor = self.entries.pop(key, None)
+        if tensor is not None:
+            self._held -= tensor.numel() * tensor.element_size()
+
+    def _drop_all(self) -> None:
+        self.entries.clear()
+        self._held = 0
+
     def _store(self, key: int, tensor: torch.Tensor) -> None:
         kind = self.policy.kind
         if kind in ("per-pass", "all"):
-            self.entries[key] = tensor
+            self._put(key, tensor)
         elif kind == "lru":
             if self.policy.count > 0:
-                self.entries[key] = tensor
+                self._put(key, tensor)
                 while len(self.entries) > self.policy.count:
-                    self.entries.popitem(last=False)
+                    self._drop(next(iter(self.entries)))
         elif kind == "pin":
             if len(self.entries) < self.policy.count:
-                self.entries[key] = tensor
+                self._put(key, tensor)
         elif kind == "auto":
-            nbytes = tensor.numel() * tensor.element_size()
-            held = sum(t.numel() * t.element_size() for t in self.entries.values())
-            if held + nbytes <= self.policy.budget:
-                self.entries[key] = tensor
+            if self._held + tensor.numel() * tensor.element_size() <= self.policy.budget:
+                self._put(key, tensor)
 
     def _prefetch_after(self, key: int, device: torch.device) -> None:
         """auto on CUDA, from the second pass on: decode the next weight not held, one ahead."""
