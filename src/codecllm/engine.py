@@ -18,7 +18,7 @@ from codecllm.models.layers import rope_inverse_frequencies
 from codecllm.models.loader import build_model, load_weights, resolve
 from codecllm.models.tokenizer import load_tokenizer
 from codecllm.weights.cache import WeightCache
-from codecllm.weights.compress_model import compress_model
+from codecllm.weights.compress_model import attach_weight_cache, compress_model
 from codecllm.weights.modules import CompressedEmbedding, CompressedLinear
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -162,9 +162,7 @@ class Model:
         stats["kv"] = self.kv
         stats["kv_cache_bytes"] = getattr(cache, "nbytes", 0) if cache is not None else 0
         stats["kv_tokens"] = cache.length if cache is not None else 0
-        stored = getattr(cache, "stored", None)
-        stats["kv_tokens_stored"] = (max(stored) if isinstance(stored, list) else stored) if stored is not None \
-            else stats["kv_tokens"]
+        stats["kv_tokens_stored"] = cache.stored if cache is not None else 0
         stats["kv_evicted"] = getattr(cache, "evicted", 0) if cache is not None else 0
         return stats
 
@@ -226,8 +224,7 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
     if hasattr(module, "inv_freq"):  # built on the meta device with the rest: compute it for real
         module.inv_freq = rope_inverse_frequencies(config).to(device)
     module.eval()
-    module.weight_cache = weight_cache
-    module._codecllm_pass_hook = module.register_forward_pre_hook(lambda *_: weight_cache.begin_pass())
+    attach_weight_cache(module, weight_cache)
     if weights is not None:
         compress_model(module, weights, layers=layers, storage=storage, cache=weight_cache)
     tokenizer = load_tokenizer(directory, config.vocab_size, config.bos_token_id, config.eos_token_id)

@@ -15,6 +15,7 @@ from torch import nn
 
 from codecllm.errors import ConfigError
 from codecllm.kv.cache import KVCache
+from codecllm.kv.variants import make_kv_cache, parse_kv
 from codecllm.models.layers import causal_mask
 from codecllm.weights.experts import stamp
 
@@ -84,8 +85,6 @@ def generate_tokens(
         raise ConfigError("the prompt is empty: give at least one token")
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    from codecllm.kv.variants import make_kv_cache, parse_kv
-
     variant = parse_kv(kv)
     unbounded = variant.startswith(("sliding:", "h2o:"))
     if unbounded and (not bool(padding.all()) or model.config.arch == "gpt2"):
@@ -112,8 +111,8 @@ def generate_tokens(
             key = (batch, length, sampling.temperature == 0)
             graphs = {} if graphs is None else graphs
             if key not in graphs:
-                graphs[key] = DecodeGraph(model, KVCache.for_config(config, batch, length, dtype, device), batch,
-                                          sampling.temperature == 0)
+                graphs[key] = DecodeGraph(model, make_kv_cache(variant, config, batch, length, dtype, device),
+                                          batch, sampling.temperature == 0)
             graph = graphs[key]
             cache = graph.cache
             cache.reset()

@@ -28,7 +28,7 @@ def test_eviction_drops_the_lowest_scores_but_never_recent_tokens():
     cache.update(0, k, k)
     cache.scores[0, :6] = torch.tensor([5.0, 0.1, 3.0, 0.2, 0.0, 0.0])  # the newest two score lowest
     cache.advance(6)
-    assert cache.stored == [4] and cache.evicted == 2
+    assert cache.stored_per_layer == [4] and cache.evicted == 2
     kept = sorted(cache.positions[0, :4].tolist())
     assert kept == [0, 2, 4, 5]  # 1 and 3 had the lowest scores; 4 and 5 are recent
     assert sorted(cache.k[0, 0, 0, :4, 0].tolist()) == [0.0, 2.0, 4.0, 5.0]  # storage compacted with them

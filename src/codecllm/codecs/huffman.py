@@ -97,9 +97,12 @@ class HuffmanCodec(Codec):
         layout = LAYOUTS[flat.dtype]
         numel = flat.numel()
         histogram = torch.zeros(1 << layout.exponent_bits, dtype=torch.int64)
-        for start, end in chunks(numel):
-            exponent, _ = layout.split(flat[start:end])
+        rest_planes = torch.empty(layout.rest_bytes, numel, dtype=torch.uint8)
+        for start, end in chunks(numel):  # one pass: exponent histogram and sign+mantissa bytes
+            exponent, rest = layout.split(flat[start:end])
             histogram += torch.bincount(exponent, minlength=histogram.numel())
+            for plane in range(layout.rest_bytes):
+                rest_planes[plane, start:end] = (rest >> (8 * plane)).to(torch.uint8)
         lengths = huffman_lengths(histogram.tolist(), self.code_bits)
         # One lookup gives both: codeword in the low 16 bits, length (extra bits included) above.
         table = torch.tensor(
@@ -109,11 +112,6 @@ class HuffmanCodec(Codec):
 
         steps = self.symbols_per_lane
         lanes = -(-numel // steps)
-        rest_planes = torch.empty(layout.rest_bytes, numel, dtype=torch.uint8)
-        for start, end in chunks(numel):
-            _, rest = layout.split(flat[start:end])
-            for plane in range(layout.rest_bytes):
-                rest_planes[plane, start:end] = (rest >> (8 * plane)).to(torch.uint8)
 
         # Element e is symbol e // lanes of lane e % lanes: viewed as a [steps, lanes] matrix,
         # a lane is a column. Positions past numel are padding and get zero-length codes.

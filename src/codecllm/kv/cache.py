@@ -25,6 +25,11 @@ class CacheBase:
     length: int = 0
     slot: torch.Tensor | None = None  # static (CUDA-graph) write position, plain KVCache only
 
+    @property
+    def stored(self) -> int:
+        """Tokens actually held (windowed and budgeted caches hold fewer than they have seen)."""
+        return self.length
+
     def advance(self, tokens: int) -> None:
         self.length += tokens
 

@@ -34,7 +34,7 @@ class HeavyHitterKVCache(CacheBase):
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.scores = torch.zeros(num_layers, self.capacity, device=device)
         self.positions = torch.zeros(num_layers, self.capacity, dtype=torch.long, device=device)
-        self.stored = [0] * num_layers
+        self.stored_per_layer = [0] * num_layers
         self.length = 0
         self.evicted = 0
         self.slot = None
@@ -46,18 +46,22 @@ class HeavyHitterKVCache(CacheBase):
                    prompt_len, dtype, device)
 
     @property
+    def stored(self) -> int:
+        return max(self.stored_per_layer)
+
+    @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        t, start = k.shape[2], self.stored[layer]
+        t, start = k.shape[2], self.stored_per_layer[layer]
         if start + t > self.capacity:
             raise CacheError(f"h2o cache: {start} stored + {t} new > {self.capacity} slots")
         self.k[layer, :, :, start:start + t] = k
         self.v[layer, :, :, start:start + t] = v
         self.positions[layer, start:start + t] = torch.arange(self.length, self.length + t, device=k.device)
         self.scores[layer, start:start + t] = 0
-        self.stored[layer] = start + t
+        self.stored_per_layer[layer] = start + t
         return self.k[layer, :, :, :start + t], self.v[layer, :, :, :start + t]
 
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -72,12 +76,12 @@ class HeavyHitterKVCache(CacheBase):
 
     def advance(self, tokens: int) -> None:
         self.length += tokens
-        for layer, stored in enumerate(self.stored):
+        for layer, stored in enumerate(self.stored_per_layer):
             if stored > self.budget:
                 self._evict(layer, stored - self.budget)
 
     def _evict(self, layer: int, count: int) -> None:
-        stored = self.stored[layer]
+        stored = self.stored_per_layer[layer]
         scores = self.scores[layer, :stored].clone()
         scores[self.positions[layer, :stored] >= self.length - self.recent] = float("inf")  # keep the recent
         drop = torch.topk(scores, count, largest=False).indices
@@ -89,9 +93,9 @@ class HeavyHitterKVCache(CacheBase):
             store[layer, :, :, :kept] = store[layer, :, :, index]
         self.scores[layer, :kept] = self.scores[layer, index]
         self.positions[layer, :kept] = self.positions[layer, index]
-        self.stored[layer] = kept
+        self.stored_per_layer[layer] = kept
         self.evicted += count
 
     def reset(self) -> None:
         self.length = 0
-        self.stored = [0] * len(self.stored)
+        self.stored_per_layer = [0] * len(self.stored_per_layer)

@@ -113,6 +113,10 @@ class HybridCache:
         return self.attention.length
 
     @property
+    def stored(self) -> int:
+        return self.attention.length
+
+    @property
     def nbytes(self) -> int:
         states = sum(s["conv_state"].nbytes + s["ssm_state"].nbytes for s in self._mamba_states())
         return self.attention.nbytes + states

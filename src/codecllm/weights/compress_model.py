@@ -57,10 +57,15 @@ def compress_model(model: nn.Module, codec: str = "huffman", layers: str | None 
             new = CompressedEmbedding.from_embedding(module, codec, weight_cache, name, storage)
         shared.setdefault(key, new)
         _set_submodule(model, name, new)
+    attach_weight_cache(model, weight_cache)
+    return weight_cache
+
+
+def attach_weight_cache(model: nn.Module, weight_cache: WeightCache) -> None:
+    """Give `model` its cache, and a forward pre-hook (registered once) that counts passes."""
     model.weight_cache = weight_cache
     if not getattr(model, "_codecllm_pass_hook", None):
         model._codecllm_pass_hook = model.register_forward_pre_hook(lambda *_: model.weight_cache.begin_pass())
-    return weight_cache
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
