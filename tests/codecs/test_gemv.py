@@ -18,16 +18,18 @@ def weights_with_escapes(n: int, k: int, seed: int) -> torch.Tensor:
     w[n // 2, k - 1] = -0.0
     w[-1, -1] = 1e-30  # far below the exponent window: escaped
     w[-1, 0] = 3.0  # far above it
+    w[1, 1] = -5e-31  # escapes in every slot of a 4-weight word, negative ones too
+    w[2, 2] = -7.0
     return w
 
 
-@pytest.mark.parametrize("n, k, batch", [(6, 64, 1), (33, 200, 3), (17, 1030, 8)])
+@pytest.mark.parametrize("n, k, batch", [(6, 64, 1), (33, 200, 3), (17, 1032, 8), (5, 2052, 1), (3, 2052, 2)])
 def test_fused_nibble_gemv_matches_reference(n, k, batch):
     from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv
 
     w = weights_with_escapes(n, k, seed=n)
     encoded = codecllm.encode(w, "nibble")
-    assert encoded.buffers["escape_index"].numel() >= 3
+    assert encoded.buffers["escape_index"].numel() >= 5
     x = torch.randn(batch, k, generator=torch.Generator().manual_seed(k))
     ref = x.double() @ w.double().T
     for y in (NibbleGemvWeight(encoded)(x), gemv(x, w.float())):
@@ -59,3 +61,12 @@ def test_plain_gemv_odd_in_features():
     x = torch.randn(2, 131)
     ref = x.double() @ w.double().T
     assert ((gemv(x, w).double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_fused_nibble_gemv_refuses_what_it_cannot_take():
+    from codecllm.codecs.kernels.gemv import NibbleGemvWeight, nibble_gemv_supported
+
+    with pytest.raises(ValueError, match="divisible by 4, got \\(4, 10\\)"):
+        NibbleGemvWeight(codecllm.encode(torch.randn(4, 10).bfloat16(), "nibble"))
+    huge = torch.full((4, 8), 2.0**127).bfloat16()  # exponent 254: window base 240
+    assert "base below 240" in nibble_gemv_supported(codecllm.encode(huge, "nibble"))

@@ -69,3 +69,29 @@ def test_auto_prefetch_is_race_free_under_repetition():
     for _ in range(5):
         assert model.generate(list(b"prefetch"), 32) == expected
     assert model.stats()["prefetch_hits"] > 0
+
+
+def test_fused_step_ops_match_eager_on_the_gpu():
+    import torch.nn.functional as F
+
+    from codecllm.models import fused
+    from codecllm.models.config import ModelConfig
+    from codecllm.models.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inverse_frequencies
+    from tests.conftest import bits
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(2, 5, 4, 128, device="cuda", generator=g)).bfloat16().transpose(1, 2)
+    cos, sin = rope_cos_sin(rope_inverse_frequencies(ModelConfig.from_name("llama-3.1-8b")),
+                            torch.arange(5, device="cuda").expand(2, 5) + 1000, torch.bfloat16)
+    assert torch.equal(bits(fused.rope(x, cos, sin)), bits(torch.cat([-x[..., 64:], x[..., :64]], -1) * sin + x * cos))
+    norm = RMSNorm(4096, 1e-5).cuda().bfloat16()
+    h = (torch.randn(3, 4096, device="cuda", generator=g) * 4).bfloat16()
+    delta = torch.randn(3, 4096, device="cuda", generator=g).bfloat16()
+    summed, normed = fused.add_rms_norm(h, delta, norm.weight, 1e-5)
+    assert torch.equal(bits(summed), bits(h + delta))
+    ref = norm.weight * F.rms_norm((h + delta).float(), (4096,), eps=1e-5).bfloat16()
+    assert (bits(normed).int() - bits(ref).int()).abs().max() <= 1
+    gate, up = (torch.randn(14336, device="cuda") * 3).bfloat16(), torch.randn(14336, device="cuda").bfloat16()
+    apart = (bits(fused.silu_mul(gate, up)).int() - bits(F.silu(gate) * up).int()).abs()
+    assert apart.max() <= 1 and (apart == 0).float().mean() > 0.99
+    assert apply_rope(x, cos, sin).is_contiguous()  # the model path takes the fused kernel on CUDA

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codecllm.models import fused
 from codecllm.models.config import ModelConfig
 from codecllm.models.layers import RMSNorm, apply_rope, attention, rope_cos_sin, rope_inverse_frequencies
 from codecllm.weights.experts import check_fresh
@@ -58,7 +59,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if fused.enabled(gate) and up.dtype == gate.dtype:
+            return self.down_proj(fused.silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):
@@ -70,8 +74,9 @@ class LlamaBlock(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, normed = self.post_attention_layernorm.add_and_norm(
+            x, self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache))
+        return x + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):

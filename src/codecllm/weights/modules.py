@@ -68,17 +68,21 @@ class CompressedLinear(_Compressed):
         from codecllm.codecs.kernels_available import fused_gemv_possible
 
         rows = x.numel() // x.shape[-1]
-        return (self.encoded.codec == "nibble" and rows <= 8 and self.in_features % 2 == 0
-                and fused_gemv_possible(x.device))
+        return (self.encoded.codec == "nibble" and rows <= 8 and fused_gemv_possible(x.device)
+                and self._fused_gemv() is not None)
 
     def _fused_gemv(self):
-        """The nibble weight laid out for the fused GEMV, built once per weight."""
+        """The nibble weight laid out for the fused GEMV, built once per weight; None when the
+        kernel cannot take it (odd shapes, exponents near the top of the range): such a weight
+        is decompressed through the cache instead."""
         store = self.weight_store
-        if getattr(store, "gemv", None) is None or store.gemv_source is not store.encoded:
-            from codecllm.codecs.kernels.gemv import NibbleGemvWeight
+        if getattr(store, "gemv_source", None) is not store.encoded:
+            from codecllm.codecs.kernels.gemv import NibbleGemvWeight, nibble_gemv_supported
 
-            encoded = store.encoded.to(self.compute_device)
-            store.gemv, store.gemv_source = NibbleGemvWeight(encoded), store.encoded
+            encoded = store.encoded
+            fits = nibble_gemv_supported(encoded) is None
+            store.gemv = NibbleGemvWeight(encoded.to(self.compute_device)) if fits else None
+            store.gemv_source = encoded
         return store.gemv
 
     def extra_repr(self) -> str:

@@ -1,14 +1,23 @@
 """Triton GEMV for small batches (decode steps): y[b, n] = sum_k x[b, k] * W[n, k].
 
-One kernel, two weight formats, so the comparison is like for like:
-  * COMPRESSED=False: W is a plain bf16/fp16 (N, K) matrix: 2 bytes per weight.
-  * COMPRESSED=True: W is `nibble` data decoded in registers: a sign+mantissa byte (N*K) and a
-    4-bit exponent code (two per byte, N*K/2): 1.5 bytes per weight. Code 15 (escape) contributes
-    0 in the main loop; the escaped weights are added exactly afterwards from a per-row list.
+Two kernels of one structure, so the comparison is like for like:
+  * `_gemv_plain_kernel`: W is a plain bf16/fp16/fp32 (N, K) matrix (2 bytes per bf16 weight).
+  * `_gemv_nibble_kernel`: W is `nibble` data decoded in registers: a sign+mantissa byte (N*K)
+    and a 4-bit exponent code (two per byte, N*K/2): 1.5 bytes per weight.
 
-Each program owns BLOCK_N rows and walks K in BK-wide tiles with an fp32 accumulator per
-(row, batch). The weight bits are turned into fp32 by bit operations only (bf16 is the top half
-of fp32), which is exact and also what Triton's CPU interpreter gets right.
+Each program owns BLOCK_N rows and walks K in BK-wide tiles. At batch 1 it keeps a 2-D fp32
+accumulator (one partial sum per row and column slot) and reduces it once at the end: a
+reduction per tile would cost a cross-warp exchange and a barrier every iteration. At batch
+2-8 each tile goes through `tl.dot` (tensor cores).
+
+The nibble decode is integer-bound, so it works on 32-bit words: one load brings the
+sign+mantissa bytes of 4 consecutive weights, a 16-bit load their 4 codes, and each fp32
+weight is 2 shifts + 3 masks + 1 add away (bf16 is the top half of an fp32). Escaped weights
+(code 15) are not special-cased in the loop: the loop computes a known wrong value for them
+(code 15 read as exponent base + 15) and a per-row list adds (true - wrong) * x afterwards, from
+values computed exactly on the host. So the main loop has no compare and no select.
+The weight bits become fp32 by bit operations only, which is exact and also what Triton's CPU
+interpreter gets right.
 """
 
 from __future__ import annotations
@@ -19,141 +28,218 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_BATCH = 8
+ESCAPE = 15
+
 
 @triton.jit
-def _gemv_kernel(
-    x, weight, sign_mantissa, codes, escape_row_ptr, escape_col, escape_value, out,
+def _nibble_weight(words, codes, base_bits, J: tl.constexpr):
+    """fp32 value of weight J (0..3) of each word: its byte J of `words` holds sign<<7 | mantissa,
+    bits 4J..4J+3 of `codes` its exponent code; `base_bits` is base << 23."""
+    if J == 3:
+        mantissa = words >> 8
+    else:
+        mantissa = words << (16 - 8 * J)
+    if J == 3:
+        sign = words
+    else:
+        sign = words << (24 - 8 * J)
+    code = codes << (23 - 4 * J)
+    bits = (mantissa & 0x007F0000) | (sign & 0x80000000) | (code & 0x07800000)
+    return (bits + base_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["base"])
+def _nibble_kernel(
+    x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, out,
     N, K, base, stride_xb, stride_ob,
-    B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, COMPRESSED: tl.constexpr,
+    B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    # Columns are taken in pairs (2j, 2j+1): a code byte holds both their exponents, so the even
-    # and odd halves are decoded and multiplied separately, with no register shuffles.
+    BW: tl.constexpr = BK // 4  # 32-bit words of sign+mantissa bytes per tile row
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     batch = tl.arange(0, B_PAD)
     batch_ok = batch < B
-    acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
-    half_k = K // 2
-    row_pairs = rows.to(tl.int64)[:, None] * half_k
-    for j0 in range(0, half_k, BK // 2):
-        pairs = j0 + tl.arange(0, BK // 2)
-        ok = row_ok[:, None] & (pairs < half_k)[None, :]
-        if COMPRESSED:
-            rest = tl.load(sign_mantissa.to(tl.pointer_type(tl.int16)) + row_pairs + pairs[None, :],
-                           mask=ok, other=0).to(tl.int32)
-            packed = tl.load(codes + row_pairs + pairs[None, :], mask=ok, other=0).to(tl.int32)
-            code_even, code_odd = packed & 15, (packed >> 4) & 15
-            rest_even, rest_odd = rest & 0xFF, (rest >> 8) & 0xFF
-            bits_even = ((rest_even & 0x80) << 24) | ((code_even + base) << 23) | ((rest_even & 0x7F) << 16)
-            bits_odd = ((rest_odd & 0x80) << 24) | ((code_odd + base) << 23) | ((rest_odd & 0x7F) << 16)
-            w_even = tl.where(code_even == 15, 0.0, bits_even.to(tl.float32, bitcast=True))
-            w_odd = tl.where(code_odd == 15, 0.0, bits_odd.to(tl.float32, bitcast=True))
-        else:
-            even = weight + rows.to(tl.int64)[:, None] * K + 2 * pairs[None, :]
-            w_even = tl.load(even, mask=ok, other=0).to(tl.float32)
-            w_odd = tl.load(even + 1, mask=ok, other=0).to(tl.float32)
-        if USE_DOT:  # batch > 1: tensor cores, (BLOCK_N, BK/2) x (BK/2, B_PAD) per half
-            x_ok = (pairs < half_k)[:, None] & batch_ok[None, :]
-            x_t = x + batch[None, :] * stride_xb + 2 * pairs[:, None]
-            x_even = tl.load(x_t, mask=x_ok, other=0)
-            x_odd = tl.load(x_t + 1, mask=x_ok, other=0)
+    words_per_row = K // 4
+    row_words = rows.to(tl.int64)[:, None] * words_per_row
+    word_ptr = sign_mantissa.to(tl.pointer_type(tl.uint32))
+    code_ptr = codes.to(tl.pointer_type(tl.uint16))
+    base_bits = base.to(tl.uint32) << 23
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
+    else:
+        acc2 = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+    for w0 in range(0, words_per_row, BW):
+        w = w0 + tl.arange(0, BW)
+        ok = row_ok[:, None] & (w < words_per_row)[None, :]
+        packed = tl.load(word_ptr + row_words + w[None, :], mask=ok, other=0)
+        packed_codes = tl.load(code_ptr + row_words + w[None, :], mask=ok, other=0).to(tl.uint32)
+        f0 = _nibble_weight(packed, packed_codes, base_bits, 0)
+        f1 = _nibble_weight(packed, packed_codes, base_bits, 1)
+        f2 = _nibble_weight(packed, packed_codes, base_bits, 2)
+        f3 = _nibble_weight(packed, packed_codes, base_bits, 3)
+        col = 4 * w
+        if USE_DOT:  # (BLOCK_N, BW) x (BW, B_PAD) per weight slot of the words, on tensor cores
+            x_ok = (w < words_per_row)[:, None] & batch_ok[None, :]
+            xt = x + batch[None, :] * stride_xb + col[:, None]
+            x0 = tl.load(xt, mask=x_ok, other=0)
+            x1 = tl.load(xt + 1, mask=x_ok, other=0)
+            x2 = tl.load(xt + 2, mask=x_ok, other=0)
+            x3 = tl.load(xt + 3, mask=x_ok, other=0)
             if DOT_FP32:  # Triton's CPU interpreter gets bf16 arithmetic wrong: stay in fp32 there
-                x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
-            acc += tl.dot(w_even.to(x_even.dtype), x_even, input_precision="ieee")
-            acc += tl.dot(w_odd.to(x_odd.dtype), x_odd, input_precision="ieee")
+                x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
+            acc += tl.dot(f0.to(x0.dtype), x0, input_precision="ieee")
+            acc += tl.dot(f1.to(x1.dtype), x1, input_precision="ieee")
+            acc += tl.dot(f2.to(x2.dtype), x2, input_precision="ieee")
+            acc += tl.dot(f3.to(x3.dtype), x3, input_precision="ieee")
         else:
-            x_ok = batch_ok[:, None] & (pairs < half_k)[None, :]
-            x_even = tl.load(x + batch[:, None] * stride_xb + 2 * pairs[None, :], mask=x_ok, other=0).to(tl.float32)
-            x_odd = tl.load(x + batch[:, None] * stride_xb + 2 * pairs[None, :] + 1, mask=x_ok, other=0).to(tl.float32)
-            acc += tl.sum(w_even[:, None, :] * x_even[None, :, :] + w_odd[:, None, :] * x_odd[None, :, :], axis=2)
-    if K % 2 == 1:  # the plain path takes odd K: its last column has no pair
-        last = tl.load(weight + rows.to(tl.int64) * K + (K - 1), mask=row_ok, other=0).to(tl.float32)
-        x_last = tl.load(x + batch * stride_xb + (K - 1), mask=batch_ok, other=0).to(tl.float32)
-        acc += last[:, None] * x_last[None, :]
-    if COMPRESSED:
-        first = tl.load(escape_row_ptr + pid * BLOCK_N)
-        last_escape = tl.load(escape_row_ptr + tl.minimum(pid * BLOCK_N + BLOCK_N, N))
-        for e in range(first, last_escape):
-            row = tl.load(escape_col + 2 * e)
-            col = tl.load(escape_col + 2 * e + 1)
-            value = tl.load(escape_value + e)
-            xv = tl.load(x + batch * stride_xb + col, mask=batch_ok, other=0).to(tl.float32)
-            acc += tl.where((rows == row)[:, None], value * xv[None, :], 0.0)
+            x_ok = w < words_per_row
+            x0 = tl.load(x + col, mask=x_ok, other=0).to(tl.float32)
+            x1 = tl.load(x + col + 1, mask=x_ok, other=0).to(tl.float32)
+            x2 = tl.load(x + col + 2, mask=x_ok, other=0).to(tl.float32)
+            x3 = tl.load(x + col + 3, mask=x_ok, other=0).to(tl.float32)
+            acc2 += f0 * x0[None, :] + f1 * x1[None, :] + f2 * x2[None, :] + f3 * x3[None, :]
+    if not USE_DOT:
+        acc = tl.sum(acc2, axis=1)[:, None]
+    # Escapes: the loop used the code-15 value; add (true - that) * x for each, row by row.
+    first = tl.load(escape_row_ptr + pid * BLOCK_N)
+    last = tl.load(escape_row_ptr + tl.minimum(pid * BLOCK_N + BLOCK_N, N))
+    for e in range(first, last):
+        row = tl.load(escape_pairs + 2 * e)
+        col_e = tl.load(escape_pairs + 2 * e + 1)
+        true_value = tl.load(escape_values + 2 * e)
+        loop_value = tl.load(escape_values + 2 * e + 1)
+        xv = tl.load(x + batch * stride_xb + col_e, mask=batch_ok, other=0).to(tl.float32)
+        acc += tl.where((rows == row)[:, None], true_value * xv[None, :] - loop_value * xv[None, :], 0.0)
     tl.store(out + batch[None, :] * stride_ob + rows[:, None], acc.to(out.dtype.element_ty),
              mask=row_ok[:, None] & batch_ok[None, :])
 
 
-MAX_BATCH = 8
-
-
-def _config(n: int, k: int, batch: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BK, num_warps), from the sweep in benchmarks/gemv.py on an H100."""
-    if batch == 1:
-        return 4, 1024, 2
-    return 16, 256, 4  # tensor-core path
-
-
-def _launch(x2d, n, k, out, weight=None, nibble=None, config=None):
-    batch = x2d.shape[0]
-    block_n, bk, warps = config or _config(n, k, batch)
-    use_dot = batch > 1
-    # tl.dot needs at least 16 rows and columns per operand; a single row needs no padding.
-    b_pad = 16 if use_dot else 1
-    if use_dot:
-        block_n = max(block_n, 16)
-        bk = max(bk, 32)
-    dummy = x2d  # unused pointer slots still need a tensor
-    if nibble is None:
-        args = (weight, dummy, dummy, dummy, dummy, dummy, 0)
+@triton.jit
+def _plain_kernel(
+    x, weight, out, N, K, stride_xb, stride_ob,
+    B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    batch = tl.arange(0, B_PAD)
+    batch_ok = batch < B
+    row_start = weight + rows.to(tl.int64)[:, None] * K
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
     else:
-        sign_mantissa, codes, row_ptr, cols, values, base = nibble
-        args = (dummy, sign_mantissa, codes, row_ptr, cols, values, base)
-    grid = (triton.cdiv(n, block_n),)
-    w, sm, cd, rp, ec, ev, base = args
-    _gemv_kernel[grid](
-        x2d, w, sm, cd, rp, ec, ev, out, n, k, base, x2d.stride(0), out.stride(0),
-        B=batch, B_PAD=b_pad, BLOCK_N=block_n, BK=bk,
-        COMPRESSED=nibble is not None, USE_DOT=use_dot, DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=warps,
+        acc2 = tl.zeros((BLOCK_N, BK), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        w = tl.load(row_start + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0)
+        if USE_DOT:
+            xt = tl.load(x + batch[None, :] * stride_xb + cols[:, None],
+                         mask=(cols < K)[:, None] & batch_ok[None, :], other=0)
+            if DOT_FP32:
+                w, xt = w.to(tl.float32), xt.to(tl.float32)
+            acc += tl.dot(w.to(xt.dtype), xt, input_precision="ieee")
+        else:
+            xv = tl.load(x + cols, mask=cols < K, other=0).to(tl.float32)
+            acc2 += w.to(tl.float32) * xv[None, :]
+    if not USE_DOT:
+        acc = tl.sum(acc2, axis=1)[:, None]
+    tl.store(out + batch[None, :] * stride_ob + rows[:, None], acc.to(out.dtype.element_ty),
+             mask=row_ok[:, None] & batch_ok[None, :])
+
+
+def _config(n: int, k: int, batch: int, nibble: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BK, num_warps), from the sweep in benchmarks/gemv.py on an H100."""
+    if batch > 1:
+        return 16, 256, 4  # tensor-core path
+    if nibble:
+        return (4 if n >= 2048 else 1), 1024, 2
+    return (4 if n >= 2048 else 1), 512, 4
+
+
+def _launch(kernel, x2d, n, k, out, tensors, scalars, config, nibble):
+    batch = x2d.shape[0]
+    block_n, bk, warps = config or _config(n, k, batch, nibble)
+    use_dot = batch > 1
+    if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
+        block_n, bk = max(block_n, 16), max(bk, 64 if nibble else 16)
+    kernel[(triton.cdiv(n, block_n),)](
+        x2d, *tensors, out, n, k, *scalars, x2d.stride(0), out.stride(0),
+        B=batch, B_PAD=16 if use_dot else 1, BLOCK_N=block_n, BK=bk, USE_DOT=use_dot,
+        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps,
     )
     return out
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[0] > MAX_BATCH:
+        raise ValueError(f"the Triton GEMV takes at most {MAX_BATCH} rows, got {x2d.shape[0]}")
+    return x2d.contiguous()
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, config=None) -> torch.Tensor:
     """x (..., K) with at most MAX_BATCH rows, weight (N, K) -> (..., N)."""
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    x2d = _rows(x)
     n, k = weight.shape
     out = torch.empty(x2d.shape[0], n, dtype=x.dtype, device=x.device)
-    _launch(x2d, n, k, out, weight=weight.contiguous(), config=config)
+    _launch(_plain_kernel, x2d, n, k, out, (weight.contiguous(),), (), config, nibble=False)
     return out.view(*x.shape[:-1], n)
 
 
+def nibble_gemv_supported(encoded) -> str | None:
+    """Why the fused kernel cannot take this `nibble` weight, or None if it can."""
+    from codecllm.codecs.nibble import NibbleCodec
+
+    if len(encoded.shape) != 2 or encoded.shape[1] % 4:
+        return f"the fused nibble GEMV needs a 2-D weight with in_features divisible by 4, got {tuple(encoded.shape)}"
+    base = NibbleCodec._parts(encoded)[4]
+    if base + ESCAPE >= 255:  # the loop's value for an escape must be a finite number
+        return f"the fused nibble GEMV needs an exponent window base below {255 - ESCAPE}, got {base}"
+    return None
+
+
+def _as_fp32(bits: torch.Tensor) -> torch.Tensor:
+    """int64 holding 32-bit patterns (mod 2**32) -> the fp32 values with those bits."""
+    bits = bits & 0xFFFFFFFF
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
 class NibbleGemvWeight:
-    """A `nibble` EncodedTensor of shape (N, K), K even, laid out for the fused GEMV: the
-    escapes regrouped by row (row pointer, (row, col) pairs, fp32 values)."""
+    """A `nibble` EncodedTensor of shape (N, K), K divisible by 4, laid out for the fused GEMV:
+    the codec's own buffers (no copy) plus the escapes regrouped by row (row pointer,
+    (row, col) pairs, and per escape its true fp32 value and the value the loop computes)."""
 
     def __init__(self, encoded):
         from codecllm.codecs.nibble import NibbleCodec
 
+        problem = nibble_gemv_supported(encoded)
+        if problem:
+            raise ValueError(problem)
         n, k = encoded.shape
-        if k % 2:
-            raise ValueError(f"the fused nibble GEMV needs an even in_features, got {k}")
         sign_mantissa, codes, escape_index, escape_exponent, base = NibbleCodec._parts(encoded)
         rows, cols = escape_index // k, escape_index % k
-        rest = sign_mantissa[escape_index].to(torch.int32)
-        bits = ((rest & 0x80) << 24) | (escape_exponent.to(torch.int32) << 23) | ((rest & 0x7F) << 16)
+        rest = sign_mantissa[escape_index].to(torch.int64)
+        sign_and_mantissa = ((rest & 0x80) << 24) | ((rest & 0x7F) << 16)
+        true_bits = sign_and_mantissa | (escape_exponent.to(torch.int64) << 23)
+        loop_bits = sign_and_mantissa | ((ESCAPE + base) << 23)
         self.shape = (n, k)
         self.sign_mantissa, self.codes, self.base = sign_mantissa, codes, base
-        self.escape_values = bits.view(torch.float32)
+        self.escape_values = torch.stack([_as_fp32(true_bits), _as_fp32(loop_bits)], dim=1).reshape(-1).contiguous()
         self.escape_pairs = torch.stack([rows, cols], dim=1).reshape(-1).contiguous()
         self.row_ptr = torch.searchsorted(rows, torch.arange(n + 1, device=rows.device)).to(torch.int64)
 
+    @property
+    def escapes(self) -> int:
+        return self.escape_pairs.numel() // 2
+
     def __call__(self, x: torch.Tensor, config=None) -> torch.Tensor:
-        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        x2d = _rows(x)
         n, k = self.shape
         out = torch.empty(x2d.shape[0], n, dtype=x.dtype, device=x.device)
-        nibble = (self.sign_mantissa, self.codes, self.row_ptr, self.escape_pairs, self.escape_values, self.base)
-        _launch(x2d, n, k, out, nibble=nibble, config=config)
+        tensors = (self.sign_mantissa, self.codes, self.row_ptr, self.escape_pairs, self.escape_values)
+        _launch(_nibble_kernel, x2d, n, k, out, tensors, (self.base,), config, nibble=True)
         return out.view(*x.shape[:-1], n)

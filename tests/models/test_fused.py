@@ -1,0 +1,57 @@
+"""The fused decode-step kernels against the PyTorch ops they replace (interpreter on the CPU).
+
+RoPE rounds exactly where the eager bf16 code rounds, so it must be bit-identical; SiLU*up and
+RMSNorm may differ by one bf16 step where exp or the order of the fp32 sum of squares does."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codecllm.models.config import ModelConfig
+from codecllm.models.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inverse_frequencies
+from tests.conftest import bits
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+
+def steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bf16 steps apart two same-signed bf16 tensors are, element by element."""
+    return (bits(a).int() - bits(b).int()).abs()
+
+
+def bf16(*shape, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).bfloat16()
+
+
+@pytest.mark.parametrize("d", [64, 80, 128])
+def test_rope_is_bit_identical_to_eager(d):
+    from codecllm.models import fused
+
+    config = ModelConfig.from_name("tiny").replace(hidden_size=4 * d, num_attention_heads=4, head_dim=d)
+    positions = torch.tensor([[5, 6, 7], [0, 1, 2]])
+    cos, sin = rope_cos_sin(rope_inverse_frequencies(config), positions, torch.bfloat16)
+    x = bf16(2, 3, 4, d, seed=d).transpose(1, 2)  # (B, H, T, D) as a strided view, as in attention
+    assert torch.equal(bits(fused.rope(x, cos, sin)), bits(apply_rope(x, cos, sin)))
+
+
+def test_rms_norm_and_residual_add_match_eager():
+    from codecllm.models import fused
+
+    norm = RMSNorm(1000, 1e-5).to(torch.bfloat16)
+    norm.weight.data = bf16(1000, seed=1) + 1
+    x, delta = bf16(3, 1000, seed=2, scale=4), bf16(3, 1000, seed=3)
+    assert steps_apart(fused.rms_norm(x, norm.weight, norm.eps), norm(x)).max() <= 1
+    summed, normed = fused.add_rms_norm(x, delta, norm.weight, norm.eps)
+    assert torch.equal(bits(summed), bits(x + delta))
+    assert steps_apart(normed, norm(x + delta)).max() <= 1
+
+
+def test_silu_mul_matches_eager():
+    from codecllm.models import fused
+
+    gate, up = bf16(5000, seed=4, scale=3), bf16(5000, seed=5)
+    got, ref = fused.silu_mul(gate, up), F.silu(gate) * up
+    apart = steps_apart(got, ref)
+    assert apart.max() <= 1 and (apart == 0).float().mean() > 0.99
+    special = torch.tensor([float("nan"), 1.0, float("-inf"), 0.0]).bfloat16()
+    assert torch.equal(bits(fused.silu_mul(special, special)), bits(F.silu(special) * special))
