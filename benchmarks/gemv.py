@@ -83,11 +83,13 @@ def bench_shape(n: int, k: int, batch: int, configs=None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,2,4,8")
-    parser.add_argument("--sweep", action="store_true", help="also time block-size variants of the fused kernel")
+    parser.add_argument("--sweep", action="store_true", help="also time block-size variants at batch 1")
+    parser.add_argument("--sweep-dot", action="store_true", help="also time block-size variants at batch 4")
     args = parser.parse_args()
     configs = dot_configs = None
     if args.sweep:
         configs = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048), (2, 4, 8)))
+    if args.sweep_dot:
         dot_configs = list(itertools.product((16, 32, 64), (64, 128, 256), (4, 8)))
     rows = []
     for model, shapes in SHAPES.items():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import codecllm
-from tests.conftest import gaussian_weights
+from tests.conftest import bits, gaussian_weights
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
@@ -30,9 +30,9 @@ def test_fused_nibble_gemv_matches_reference(n, k, batch):
     w = weights_with_escapes(n, k, seed=n)
     encoded = codecllm.encode(w, "nibble")
     assert encoded.buffers["escape_index"].numel() >= 5
-    x = torch.randn(batch, k, generator=torch.Generator().manual_seed(k))
+    x = torch.randn(batch, k, generator=torch.Generator().manual_seed(k)).bfloat16()
     ref = x.double() @ w.double().T
-    for y in (NibbleGemvWeight(encoded)(x), gemv(x, w.float())):
+    for y in (NibbleGemvWeight(encoded)(x, out_dtype=torch.float32), gemv(x.float(), w.float())):
         assert y.shape == (batch, n)
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
 
@@ -70,3 +70,22 @@ def test_fused_nibble_gemv_refuses_what_it_cannot_take():
         NibbleGemvWeight(codecllm.encode(torch.randn(4, 10).bfloat16(), "nibble"))
     huge = torch.full((4, 8), 2.0**127).bfloat16()  # exponent 254: window base 240
     assert "base below 240" in nibble_gemv_supported(codecllm.encode(huge, "nibble"))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_fused_nibble_gemv_reads_weights_exactly(batch):
+    """One-hot inputs pick out single columns: one product per output, so the result must be the
+    weight itself, bit for bit (a sum that starts at +0 gives +0 for -0, as cuBLAS does), in all
+    four slots of a packed word, at tile edges and at every escape."""
+    from codecllm.codecs.kernels.gemv import NibbleGemvWeight
+
+    n, k = 12, 1032
+    w = weights_with_escapes(n, k, seed=7)
+    fused = NibbleGemvWeight(codecllm.encode(w, "nibble"))
+    columns = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 510, 511, 512, 513, 1023, 1024, k - 2, k - 1])
+    for group in columns.split(batch):
+        x = torch.zeros(group.numel(), k, dtype=torch.bfloat16)
+        x[torch.arange(group.numel()), group] = 1.0
+        expected = w[:, group].T.contiguous()
+        expected = torch.where(expected == 0, torch.zeros_like(expected), expected)
+        assert torch.equal(bits(fused(x)), bits(expected)), group

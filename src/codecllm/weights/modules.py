@@ -68,7 +68,8 @@ class CompressedLinear(_Compressed):
         from codecllm.codecs.kernels_available import fused_gemv_possible
 
         rows = x.numel() // x.shape[-1]
-        return (self.encoded.codec == "nibble" and rows <= 8 and fused_gemv_possible(x.device)
+        return (self.encoded.codec == "nibble" and rows <= 8 and x.dtype == torch.bfloat16
+                and fused_gemv_possible(x.device)
                 and self._fused_gemv() is not None)
 
     def _fused_gemv(self):

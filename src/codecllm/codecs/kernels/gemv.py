@@ -15,7 +15,8 @@ sign+mantissa bytes of 4 consecutive weights, a 16-bit load their 4 codes, and e
 weight is 2 shifts + 3 masks + 1 add away (bf16 is the top half of an fp32). Escaped weights
 (code 15) are not special-cased in the loop: the loop computes a known wrong value for them
 (code 15 read as exponent base + 15) and a per-row list adds (true - wrong) * x afterwards, from
-values computed exactly on the host. So the main loop has no compare and no select.
+values computed exactly on the host (subtracting the loop's product, then adding the true one).
+So the main loop has no compare and no select.
 The weight bits become fp32 by bit operations only, which is exact and also what Triton's CPU
 interpreter gets right.
 """
@@ -49,20 +50,28 @@ def _nibble_weight(words, codes, base_bits, J: tl.constexpr):
     return (bits + base_bits).to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _bf16_at(words, J: tl.constexpr):
+    """fp32 value of bf16 number J (0..3) of each 64-bit word."""
+    return ((words >> (16 * J)).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["base"])
 def _nibble_kernel(
     x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, out,
-    N, K, base, stride_xb, stride_ob,
+    N, words_per_row, base, stride_xb, stride_ob,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN: tl.constexpr,
 ):
+    # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
+    # divisibility (it specialises arguments divisible by 16), which is what lets it issue
+    # 16-byte loads. EVEN: every tile is full (N % BLOCK_N == 0, K % BK == 0): no masks.
     BW: tl.constexpr = BK // 4  # 32-bit words of sign+mantissa bytes per tile row
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     batch = tl.arange(0, B_PAD)
     batch_ok = batch < B
-    words_per_row = K // 4
     row_words = rows.to(tl.int64)[:, None] * words_per_row
     word_ptr = sign_mantissa.to(tl.pointer_type(tl.uint32))
     code_ptr = codes.to(tl.pointer_type(tl.uint16))
@@ -70,20 +79,33 @@ def _nibble_kernel(
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
     else:
-        acc2 = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BW // 2, 2), dtype=tl.float32)
+    # Tiles are (rows, BW/2, 2) words, and x is read as 64-bit words (4 bf16, the inputs of one
+    # weight word): Triton then gives the weight words, their codes and the x words the same
+    # layout (2 consecutive elements per thread) and needs no shared-memory shuffle between them,
+    # which it does for any shape where the vector widths differ.
+    in_tile = (tl.arange(0, BW // 2)[:, None] * 2 + tl.arange(0, 2)[None, :])[None, :, :]
+    x_words = x.to(tl.pointer_type(tl.uint64))
+    row_words_3d = row_words[:, :, None]
     for w0 in range(0, words_per_row, BW):
-        w = w0 + tl.arange(0, BW)
-        ok = row_ok[:, None] & (w < words_per_row)[None, :]
-        packed = tl.load(word_ptr + row_words + w[None, :], mask=ok, other=0)
-        packed_codes = tl.load(code_ptr + row_words + w[None, :], mask=ok, other=0).to(tl.uint32)
+        w = w0 + in_tile
+        if EVEN:
+            packed = tl.load(word_ptr + row_words_3d + w)
+            packed_codes = tl.load(code_ptr + row_words_3d + w).to(tl.uint32)
+        else:
+            ok = row_ok[:, None, None] & (w < words_per_row)
+            packed = tl.load(word_ptr + row_words_3d + w, mask=ok, other=0)
+            packed_codes = tl.load(code_ptr + row_words_3d + w, mask=ok, other=0).to(tl.uint32)
         f0 = _nibble_weight(packed, packed_codes, base_bits, 0)
         f1 = _nibble_weight(packed, packed_codes, base_bits, 1)
         f2 = _nibble_weight(packed, packed_codes, base_bits, 2)
         f3 = _nibble_weight(packed, packed_codes, base_bits, 3)
-        col = 4 * w
         if USE_DOT:  # (BLOCK_N, BW) x (BW, B_PAD) per weight slot of the words, on tensor cores
-            x_ok = (w < words_per_row)[:, None] & batch_ok[None, :]
-            xt = x + batch[None, :] * stride_xb + col[:, None]
+            f0, f1 = tl.reshape(f0, (BLOCK_N, BW)), tl.reshape(f1, (BLOCK_N, BW))
+            f2, f3 = tl.reshape(f2, (BLOCK_N, BW)), tl.reshape(f3, (BLOCK_N, BW))
+            flat = w0 + tl.arange(0, BW)
+            x_ok = (flat < words_per_row)[:, None] & batch_ok[None, :]
+            xt = x + batch[None, :] * stride_xb + 4 * flat[:, None]
             x0 = tl.load(xt, mask=x_ok, other=0)
             x1 = tl.load(xt + 1, mask=x_ok, other=0)
             x2 = tl.load(xt + 2, mask=x_ok, other=0)
@@ -95,14 +117,16 @@ def _nibble_kernel(
             acc += tl.dot(f2.to(x2.dtype), x2, input_precision="ieee")
             acc += tl.dot(f3.to(x3.dtype), x3, input_precision="ieee")
         else:
-            x_ok = w < words_per_row
-            x0 = tl.load(x + col, mask=x_ok, other=0).to(tl.float32)
-            x1 = tl.load(x + col + 1, mask=x_ok, other=0).to(tl.float32)
-            x2 = tl.load(x + col + 2, mask=x_ok, other=0).to(tl.float32)
-            x3 = tl.load(x + col + 3, mask=x_ok, other=0).to(tl.float32)
-            acc2 += f0 * x0[None, :] + f1 * x1[None, :] + f2 * x2[None, :] + f3 * x3[None, :]
+            if EVEN:
+                xw = tl.load(x_words + w)
+            else:
+                xw = tl.load(x_words + w, mask=w < words_per_row, other=0)
+            acc2 += f0 * _bf16_at(xw, 0)
+            acc2 += f1 * _bf16_at(xw, 1)
+            acc2 += f2 * _bf16_at(xw, 2)
+            acc2 += f3 * _bf16_at(xw, 3)
     if not USE_DOT:
-        acc = tl.sum(acc2, axis=1)[:, None]
+        acc = tl.sum(tl.sum(acc2, axis=2), axis=1)[:, None]
     # Escapes: the loop used the code-15 value; add (true - that) * x for each, row by row.
     first = tl.load(escape_row_ptr + pid * BLOCK_N)
     last = tl.load(escape_row_ptr + tl.minimum(pid * BLOCK_N + BLOCK_N, N))
@@ -112,7 +136,11 @@ def _nibble_kernel(
         true_value = tl.load(escape_values + 2 * e)
         loop_value = tl.load(escape_values + 2 * e + 1)
         xv = tl.load(x + batch * stride_xb + col_e, mask=batch_ok, other=0).to(tl.float32)
-        acc += tl.where((rows == row)[:, None], true_value * xv[None, :] - loop_value * xv[None, :], 0.0)
+        hit = (rows == row)[:, None]
+        # Take the loop's product out before adding the true one: (true - loop) * x in one step
+        # would round a tiny escaped weight away next to the loop's much larger value.
+        acc -= tl.where(hit, loop_value * xv[None, :], 0.0)
+        acc += tl.where(hit, true_value * xv[None, :], 0.0)
     tl.store(out + batch[None, :] * stride_ob + rows[:, None], acc.to(out.dtype.element_ty),
              mask=row_ok[:, None] & batch_ok[None, :])
 
@@ -166,10 +194,11 @@ def _launch(kernel, x2d, n, k, out, tensors, scalars, config, nibble):
     use_dot = batch > 1
     if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
         block_n, bk = max(block_n, 16), max(bk, 64 if nibble else 16)
+    extra = {"EVEN": n % block_n == 0 and k % bk == 0} if nibble else {}
     kernel[(triton.cdiv(n, block_n),)](
-        x2d, *tensors, out, n, k, *scalars, x2d.stride(0), out.stride(0),
+        x2d, *tensors, out, n, k // 4 if nibble else k, *scalars, x2d.stride(0), out.stride(0),
         B=batch, B_PAD=16 if use_dot else 1, BLOCK_N=block_n, BK=bk, USE_DOT=use_dot,
-        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps,
+        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps, **extra,
     )
     return out
 
@@ -236,10 +265,13 @@ class NibbleGemvWeight:
     def escapes(self) -> int:
         return self.escape_pairs.numel() // 2
 
-    def __call__(self, x: torch.Tensor, config=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, config=None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x (..., K) bf16 -> (..., N) in x's dtype (or `out_dtype`: fp32 skips the final rounding)."""
+        if x.dtype != torch.bfloat16:  # the kernel reads x as 64-bit words of four bf16
+            raise ValueError(f"the fused nibble GEMV takes bf16 inputs, got {x.dtype}")
         x2d = _rows(x)
         n, k = self.shape
-        out = torch.empty(x2d.shape[0], n, dtype=x.dtype, device=x.device)
+        out = torch.empty(x2d.shape[0], n, dtype=out_dtype or x.dtype, device=x.device)
         tensors = (self.sign_mantissa, self.codes, self.row_ptr, self.escape_pairs, self.escape_values)
         _launch(_nibble_kernel, x2d, n, k, out, tensors, (self.base,), config, nibble=True)
         return out.view(*x.shape[:-1], n)

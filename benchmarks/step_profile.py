@@ -1,0 +1,71 @@
+"""Where a decode step's GPU time goes: every kernel of one step, grouped by name, with launches
+and microseconds per step (torch.profiler, eager steps: kernel times are the same as in the
+graph, the gaps between them are not).
+
+    python benchmarks/step_profile.py --model tinyllama-1.1b [--weights nibble --cache fused]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import environment, write_result
+
+import codecllm
+from codecllm.report import format_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tinyllama-1.1b")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--cache", default="auto")
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    model = codecllm.load(args.model, device="cuda", weights=args.weights, cache=args.cache, cuda_graphs=False)
+    prompt = list(range(1, 129))
+    model.generate(prompt, args.steps + 1)  # warm-up
+    model.generate(prompt, 1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.generate(prompt, args.steps + 1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prefill_only:
+        model.generate(prompt, 1)
+    torch.cuda.synchronize()
+
+    def kernels(p):
+        totals = defaultdict(lambda: [0, 0.0])
+        for event in p.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                totals[event.name][0] += 1
+                totals[event.name][1] += event.device_time
+        return totals
+
+    full, first = kernels(prof), kernels(prefill_only)
+    rows = []
+    for name, (count, us) in full.items():
+        count0, us0 = first.get(name, (0, 0.0))
+        per_step = ((count - count0) / args.steps, (us - us0) / args.steps)
+        if per_step[0] > 0:
+            rows.append((name, *per_step))
+    rows.sort(key=lambda r: -r[2])
+    total_us = sum(r[2] for r in rows)
+    total_launches = sum(r[1] for r in rows)
+    print(format_table(["kernel", "launches/step", "us/step", "share"],
+                       [[name[:80], f"{n:.0f}", f"{us:.1f}", f"{us / total_us:.0%}"] for name, n, us in rows[:25]]))
+    print(f"\n{args.model} {args.weights or 'bf16'} ({args.cache}): {total_launches:.0f} kernels, "
+          f"{total_us:.0f} us of kernel time per decode step")
+    env = environment()
+    label = f"step_profile-{args.model}-{args.weights or 'bf16'}"
+    print(f"wrote {write_result(label, {'rows': rows, 'kernels_per_step': total_launches, 'kernel_us_per_step': total_us, 'environment': env})}")
+
+
+if __name__ == "__main__":
+    main()
