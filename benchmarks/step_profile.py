@@ -64,7 +64,8 @@ def main() -> None:
           f"{total_us:.0f} us of kernel time per decode step")
     env = environment()
     label = f"step_profile-{args.model}-{args.weights or 'bf16'}"
-    print(f"wrote {write_result(label, {'rows': rows, 'kernels_per_step': total_launches, 'kernel_us_per_step': total_us, 'environment': env})}")
+    payload = {"rows": rows, "kernels_per_step": total_launches, "kernel_us_per_step": total_us, "environment": env}
+    print(f"wrote {write_result(label, payload)}")
 
 
 if __name__ == "__main__":
