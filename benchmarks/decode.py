@@ -25,7 +25,6 @@ from common import environment, write_result
 import codecllm
 from codecllm.kv import cache_bytes
 from codecllm.report import format_table, human_bytes
-from codecllm.weights import use_triton_gemv
 
 
 def copy_bandwidth() -> float:
@@ -73,14 +72,11 @@ def decode_speed(generate, new: int, runs: int = 3) -> float:
     return (new - 1) / max(full - first, 1e-9)
 
 
-def ours(model_name, prompt, new, weights=None, cache="auto", cuda_graphs=None, triton_gemv=False, storage="gpu",
-         log=print):
+def ours(model_name, prompt, new, weights=None, cache="auto", cuda_graphs=None, gemv="auto", storage="gpu"):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = codecllm.load(model_name, device="cuda", weights=weights, cache=cache, cuda_graphs=cuda_graphs,
-                          storage=storage)
-    if triton_gemv:
-        use_triton_gemv(model.module)
+                          storage=storage, gemv=gemv)
     tokens = {}
 
     def generate(n):
@@ -159,7 +155,7 @@ def main() -> None:
         rows[label] = result
         print(f"{label:40s} {result.get('tok_s', float('nan')):8.1f} tok/s  {result.get('error', '')}", flush=True)
 
-    model, r = ours(args.model, prompt, args.new, cuda_graphs=False)
+    model, r = ours(args.model, prompt, args.new, cuda_graphs=False, gemv="cublas")
     record("codecllm bf16 eager (cuBLAS)", r)
     baseline_tokens = r["tokens"]
     if "hf" not in skip:
@@ -169,11 +165,11 @@ def main() -> None:
             record("HF static cache + torch.compile", hf_static_compile(hf, prompt, args.new))
         del hf
     del model
-    model, r = ours(args.model, prompt, args.new, cuda_graphs=True)
+    model, r = ours(args.model, prompt, args.new, cuda_graphs=True, gemv="cublas")
     record("codecllm bf16 CUDA graph (cuBLAS)", r)
     del model
     if "triton" not in skip:
-        model, r = ours(args.model, prompt, args.new, cuda_graphs=True, triton_gemv=True)
+        model, r = ours(args.model, prompt, args.new, cuda_graphs=True)
         record("codecllm bf16 CUDA graph (Triton GEMV)", r)
         del model
     model, r = ours(args.model, prompt, args.new, weights="nibble", cache="fused", cuda_graphs=True)

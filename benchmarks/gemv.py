@@ -41,7 +41,7 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
-def bench_shape(n: int, k: int, batch: int, configs=None) -> dict:
+def bench_shape(n: int, k: int, batch: int, configs=None, kernels=("nibble", "triton_bf16")) -> dict:
     g = torch.Generator(device="cuda").manual_seed(n * 31 + k)
     copies = max(COPIES, -(-L2_FLUSH_BYTES // (n * k * 2)))
     weights = [(torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16() for _ in range(copies)]
@@ -65,8 +65,10 @@ def bench_shape(n: int, k: int, batch: int, configs=None) -> dict:
     }
     sweep = {}
     for config in configs or []:
-        for name, fn in (("nibble", lambda i, c=config: fused[i](x, config=c)),
-                         ("triton_bf16", lambda i, c=config: gemv(x, weights[i], config=c))):
+        variants = {"nibble": lambda i, c=config: fused[i](x, config=c),
+                    "triton_bf16": lambda i, c=config: gemv(x, weights[i], config=c)}
+        for name in kernels:
+            fn = variants[name]
             try:
                 sweep[f"{name} {config}"] = graph_time_ms(rotate(fn), calls=copies, repeat=10)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported
@@ -83,23 +85,23 @@ def bench_shape(n: int, k: int, batch: int, configs=None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,2,4,8")
-    parser.add_argument("--sweep", action="store_true", help="also time block-size variants at batch 1")
-    parser.add_argument("--sweep-dot", action="store_true", help="also time block-size variants at batch 4")
+    parser.add_argument("--sweep", action="store_true", help="also time block-size variants at batch 1, every shape")
+    parser.add_argument("--sweep-batch", action="store_true",
+                        help="also time nibble block-size variants at batches 4 and 8 on three shapes")
     args = parser.parse_args()
-    configs = dot_configs = None
-    if args.sweep:
-        configs = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048), (2, 4, 8)))
-    if args.sweep_dot:
-        dot_configs = list(itertools.product((16, 32, 64), (64, 128, 256), (4, 8)))
     rows = []
     for model, shapes in SHAPES.items():
         for n, k in shapes:
             for batch in (int(b) for b in args.batches.split(",")):
-                sweep_here = batch in (1, 4) and (n, k) in SWEEP_SHAPES
-                r = bench_shape(n, k, batch, (configs if batch == 1 else dot_configs) if sweep_here else None)
+                configs, kernels = None, ("nibble", "triton_bf16")
+                if batch == 1 and args.sweep:
+                    configs = list(itertools.product((1, 2), (1024, 2048), (1, 2, 4)))
+                elif batch in (4, 8) and args.sweep_batch and (n, k) in SWEEP_SHAPES:
+                    configs, kernels = list(itertools.product((1, 2, 4), (256, 512, 1024), (2, 4))), ("nibble",)
+                r = bench_shape(n, k, batch, configs, kernels)
                 r["model"] = model
                 rows.append(r)
-                for kernel in ("nibble", "triton_bf16"):
+                for kernel in kernels:
                     timings = [(v, c) for c, v in r["sweep"].items() if c.startswith(kernel) and isinstance(v, float)]
                     if timings:
                         best = min(timings)

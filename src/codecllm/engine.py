@@ -19,6 +19,7 @@ from codecllm.models.loader import build_model, load_weights, resolve
 from codecllm.models.tokenizer import load_tokenizer
 from codecllm.weights.cache import WeightCache
 from codecllm.weights.compress_model import attach_weight_cache, compress_model
+from codecllm.weights.fast_linear import use_triton_gemv
 from codecllm.weights.modules import CompressedEmbedding, CompressedLinear
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -197,7 +198,7 @@ class Model:
 def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          weights: str | None = None, cache: str = "auto", kv: bool | str = True, storage: str = "gpu",
          layers: str | None = None, seed: int = 0, log: Callable[[str], None] | None = None,
-         cuda_graphs: bool | None = None) -> Model:
+         cuda_graphs: bool | None = None, gemv: str = "auto") -> Model:
     """Load a model from a HF-layout directory, a codecllm checkpoint, or a named config (seeded
     random weights).
 
@@ -208,8 +209,12 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
     cuda_graphs: replay each decode step as a CUDA graph; None = wherever that is faithful
     (CUDA, kv=True, a cache policy that does the same work every pass).
     storage: where compressed bytes live, 'gpu' (the compute device) or 'cpu' (host RAM).
+    gemv: 'auto' runs uncompressed linears of CUDA-graph decode steps (one row) through our Triton
+    GEMV, faster than cuBLAS there; 'cublas' keeps cuBLAS everywhere.
     Raises ConfigError / CheckpointError / CacheError with a one-line reason.
     """
+    if gemv not in ("auto", "cublas"):
+        raise ConfigError(f"gemv must be 'auto' or 'cublas', got {gemv!r}")
     config, directory = resolve(path_or_config)
     torch_dtype = _dtype(dtype)
     if directory is None and torch_dtype is not None:
@@ -227,6 +232,8 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
     attach_weight_cache(module, weight_cache)
     if weights is not None:
         compress_model(module, weights, layers=layers, storage=storage, cache=weight_cache)
+    if gemv == "auto" and device.type == "cuda":
+        use_triton_gemv(module)
     tokenizer = load_tokenizer(directory, config.vocab_size, config.bos_token_id, config.eos_token_id)
     model = Model(module, config, tokenizer, weight_cache, device, parse_kv(kv), str(path_or_config), cuda_graphs)
     model.log = log

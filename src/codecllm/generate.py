@@ -18,6 +18,7 @@ from codecllm.kv.cache import KVCache
 from codecllm.kv.variants import make_kv_cache, parse_kv
 from codecllm.models.layers import causal_mask
 from codecllm.weights.experts import stamp
+from codecllm.weights.fast_linear import graph_step
 
 
 @dataclass
@@ -172,7 +173,8 @@ class DecodeGraph:
 
     def _step(self) -> None:
         mask = (self.columns <= self.slot)[None, None, None, :] & self.padding[:, None, None, :]
-        self.logits = self.model(self.token, self.position, mask, self.cache)[:, -1]
+        with graph_step():
+            self.logits = self.model(self.token, self.position, mask, self.cache)[:, -1]
         if self.greedy:
             self.token.copy_(self.logits.argmax(-1, keepdim=True))
         self.position.add_(1)

@@ -89,3 +89,27 @@ def test_fused_nibble_gemv_reads_weights_exactly(batch):
         expected = w[:, group].T.contiguous()
         expected = torch.where(expected == 0, torch.zeros_like(expected), expected)
         assert torch.equal(bits(fused(x)), bits(expected)), group
+
+
+def test_gemv_linear_takes_the_triton_kernel_only_inside_graph_steps(monkeypatch):
+    from codecllm.codecs.kernels import gemv as kernels
+    from codecllm.weights.fast_linear import GemvLinear, graph_step
+
+    calls = []
+    monkeypatch.setattr(kernels, "gemv", lambda x, w: calls.append(x.shape) or torch.nn.functional.linear(x, w))
+    linear = torch.nn.Linear(64, 8, bias=True)
+    linear.__class__ = GemvLinear
+    one, four = torch.randn(1, 1, 64), torch.randn(4, 64)
+    linear(one)
+    with graph_step():
+        ref = torch.nn.functional.linear(one, linear.weight, linear.bias)
+        assert torch.allclose(linear(one), ref)
+        linear(four)  # batches stay on cuBLAS: the Triton kernel only wins at one row
+    assert calls == [(1, 1, 64)]
+
+
+def test_load_checks_the_gemv_option():
+    from codecllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gemv must be 'auto' or 'cublas', got 'fast'"):
+        codecllm.load("tiny", gemv="fast")

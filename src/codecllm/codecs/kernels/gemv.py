@@ -5,10 +5,10 @@ Two kernels of one structure, so the comparison is like for like:
   * `_gemv_nibble_kernel`: W is `nibble` data decoded in registers: a sign+mantissa byte (N*K)
     and a 4-bit exponent code (two per byte, N*K/2): 1.5 bytes per weight.
 
-Each program owns BLOCK_N rows and walks K in BK-wide tiles. At batch 1 it keeps a 2-D fp32
-accumulator (one partial sum per row and column slot) and reduces it once at the end: a
-reduction per tile would cost a cross-warp exchange and a barrier every iteration. At batch
-2-8 each tile goes through `tl.dot` (tensor cores).
+Each program owns BLOCK_N rows and walks K in BK-wide tiles, keeping one fp32 partial sum per
+row and column slot, reduced once at the end: a reduction per tile would cost a cross-warp
+exchange and a barrier every iteration. The plain kernel takes batches 2-8 through `tl.dot`
+(tensor cores); the nibble kernel decodes each weight once and does B FMAs with it.
 
 The nibble decode is integer-bound, so it works on 32-bit words: one load brings the
 sign+mantissa bytes of 4 consecutive weights, a 16-bit load their 4 codes, and each fp32
@@ -59,75 +59,49 @@ def _bf16_at(words, J: tl.constexpr):
 @triton.jit(do_not_specialize=["base"])
 def _nibble_kernel(
     x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, out,
-    N, words_per_row, base, stride_xb, stride_ob,
-    B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN: tl.constexpr,
+    N, words_per_row, base, stride_xb, stride_ob, stride_xw,
+    B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
 ):
     # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
     # divisibility (it specialises arguments divisible by 16), which is what lets it issue
     # 16-byte loads. EVEN: every tile is full (N % BLOCK_N == 0, K % BK == 0): no masks.
+    # Batches of 2-8 use the same loop with a batch dimension: each weight is decoded once and
+    # used in B FMAs (tensor cores would need the decoded tile reshuffled through shared memory).
     BW: tl.constexpr = BK // 4  # 32-bit words of sign+mantissa bytes per tile row
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     batch = tl.arange(0, B_PAD)
     batch_ok = batch < B
-    row_words = rows.to(tl.int64)[:, None] * words_per_row
     word_ptr = sign_mantissa.to(tl.pointer_type(tl.uint32))
     code_ptr = codes.to(tl.pointer_type(tl.uint16))
     base_bits = base.to(tl.uint32) << 23
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
-    else:
-        acc2 = tl.zeros((BLOCK_N, BW // 2, 2), dtype=tl.float32)
     # Tiles are (rows, BW/2, 2) words, and x is read as 64-bit words (4 bf16, the inputs of one
     # weight word): Triton then gives the weight words, their codes and the x words the same
     # layout (2 consecutive elements per thread) and needs no shared-memory shuffle between them,
     # which it does for any shape where the vector widths differ.
     in_tile = (tl.arange(0, BW // 2)[:, None] * 2 + tl.arange(0, 2)[None, :])[None, :, :]
-    x_words = x.to(tl.pointer_type(tl.uint64))
-    row_words_3d = row_words[:, :, None]
+    row_words = rows.to(tl.int64)[:, None, None] * words_per_row
+    # stride_xw: x's row stride in 64-bit words, an argument for the same reason as words_per_row
+    x_rows = x.to(tl.pointer_type(tl.uint64)) + (batch.to(tl.int64) * stride_xw)[:, None, None, None]
+    acc4 = tl.zeros((B_PAD, BLOCK_N, BW // 2, 2), dtype=tl.float32)
     for w0 in range(0, words_per_row, BW):
         w = w0 + in_tile
         if EVEN:
-            packed = tl.load(word_ptr + row_words_3d + w)
-            packed_codes = tl.load(code_ptr + row_words_3d + w).to(tl.uint32)
+            packed = tl.load(word_ptr + row_words + w)
+            packed_codes = tl.load(code_ptr + row_words + w).to(tl.uint32)
+            xw = tl.load(x_rows + w[None], mask=batch_ok[:, None, None, None], other=0)
         else:
             ok = row_ok[:, None, None] & (w < words_per_row)
-            packed = tl.load(word_ptr + row_words_3d + w, mask=ok, other=0)
-            packed_codes = tl.load(code_ptr + row_words_3d + w, mask=ok, other=0).to(tl.uint32)
-        f0 = _nibble_weight(packed, packed_codes, base_bits, 0)
-        f1 = _nibble_weight(packed, packed_codes, base_bits, 1)
-        f2 = _nibble_weight(packed, packed_codes, base_bits, 2)
-        f3 = _nibble_weight(packed, packed_codes, base_bits, 3)
-        if USE_DOT:  # (BLOCK_N, BW) x (BW, B_PAD) per weight slot of the words, on tensor cores
-            f0, f1 = tl.reshape(f0, (BLOCK_N, BW)), tl.reshape(f1, (BLOCK_N, BW))
-            f2, f3 = tl.reshape(f2, (BLOCK_N, BW)), tl.reshape(f3, (BLOCK_N, BW))
-            flat = w0 + tl.arange(0, BW)
-            x_ok = (flat < words_per_row)[:, None] & batch_ok[None, :]
-            xt = x + batch[None, :] * stride_xb + 4 * flat[:, None]
-            x0 = tl.load(xt, mask=x_ok, other=0)
-            x1 = tl.load(xt + 1, mask=x_ok, other=0)
-            x2 = tl.load(xt + 2, mask=x_ok, other=0)
-            x3 = tl.load(xt + 3, mask=x_ok, other=0)
-            if DOT_FP32:  # Triton's CPU interpreter gets bf16 arithmetic wrong: stay in fp32 there
-                x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
-            acc += tl.dot(f0.to(x0.dtype), x0, input_precision="ieee")
-            acc += tl.dot(f1.to(x1.dtype), x1, input_precision="ieee")
-            acc += tl.dot(f2.to(x2.dtype), x2, input_precision="ieee")
-            acc += tl.dot(f3.to(x3.dtype), x3, input_precision="ieee")
-        else:
-            if EVEN:
-                xw = tl.load(x_words + w)
-            else:
-                xw = tl.load(x_words + w, mask=w < words_per_row, other=0)
-            acc2 += f0 * _bf16_at(xw, 0)
-            acc2 += f1 * _bf16_at(xw, 1)
-            acc2 += f2 * _bf16_at(xw, 2)
-            acc2 += f3 * _bf16_at(xw, 3)
-    if not USE_DOT:
-        acc = tl.sum(tl.sum(acc2, axis=2), axis=1)[:, None]
-    # Escapes: the loop used the code-15 value; add (true - that) * x for each, row by row.
+            packed = tl.load(word_ptr + row_words + w, mask=ok, other=0)
+            packed_codes = tl.load(code_ptr + row_words + w, mask=ok, other=0).to(tl.uint32)
+            xw = tl.load(x_rows + w[None], mask=batch_ok[:, None, None, None] & (w < words_per_row)[None], other=0)
+        acc4 += _nibble_weight(packed, packed_codes, base_bits, 0)[None] * _bf16_at(xw, 0)
+        acc4 += _nibble_weight(packed, packed_codes, base_bits, 1)[None] * _bf16_at(xw, 1)
+        acc4 += _nibble_weight(packed, packed_codes, base_bits, 2)[None] * _bf16_at(xw, 2)
+        acc4 += _nibble_weight(packed, packed_codes, base_bits, 3)[None] * _bf16_at(xw, 3)
+    acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # (B_PAD, BLOCK_N)
+    # Escapes: the loop used the code-15 value; correct each one, row by row.
     first = tl.load(escape_row_ptr + pid * BLOCK_N)
     last = tl.load(escape_row_ptr + tl.minimum(pid * BLOCK_N + BLOCK_N, N))
     for e in range(first, last):
@@ -135,14 +109,14 @@ def _nibble_kernel(
         col_e = tl.load(escape_pairs + 2 * e + 1)
         true_value = tl.load(escape_values + 2 * e)
         loop_value = tl.load(escape_values + 2 * e + 1)
-        xv = tl.load(x + batch * stride_xb + col_e, mask=batch_ok, other=0).to(tl.float32)
-        hit = (rows == row)[:, None]
+        xv = tl.load(x + batch * stride_xb + col_e, mask=batch_ok, other=0).to(tl.float32)[:, None]
+        hit = (rows == row)[None, :]
         # Take the loop's product out before adding the true one: (true - loop) * x in one step
         # would round a tiny escaped weight away next to the loop's much larger value.
-        acc -= tl.where(hit, loop_value * xv[None, :], 0.0)
-        acc += tl.where(hit, true_value * xv[None, :], 0.0)
-    tl.store(out + batch[None, :] * stride_ob + rows[:, None], acc.to(out.dtype.element_ty),
-             mask=row_ok[:, None] & batch_ok[None, :])
+        acc -= tl.where(hit, loop_value * xv, 0.0)
+        acc += tl.where(hit, true_value * xv, 0.0)
+    tl.store(out + batch[:, None] * stride_ob + rows[None, :], acc.to(out.dtype.element_ty),
+             mask=batch_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
@@ -180,25 +154,31 @@ def _plain_kernel(
 
 
 def _config(n: int, k: int, batch: int, nibble: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BK, num_warps), from the sweep in benchmarks/gemv.py on an H100."""
+    """(BLOCK_N, BK, num_warps), from the sweeps in benchmarks/gemv.py on an H100."""
+    if nibble:
+        if batch > 1:
+            return (4, 256, 2) if batch <= 4 else (4, 512, 4)
+        return (1, 2048, 4) if n < 2048 else (1, 1024, 2) if n < 4096 else (1, 1024, 1)
     if batch > 1:
         return 16, 256, 4  # tensor-core path
-    if nibble:
-        return (4 if n >= 2048 else 1), 1024, 2
-    return (4 if n >= 2048 else 1), 512, 4
+    return (2, 2048, 8) if k >= 2048 else (1, 1024, 4)
 
 
 def _launch(kernel, x2d, n, k, out, tensors, scalars, config, nibble):
     batch = x2d.shape[0]
     block_n, bk, warps = config or _config(n, k, batch, nibble)
-    use_dot = batch > 1
-    if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
-        block_n, bk = max(block_n, 16), max(bk, 64 if nibble else 16)
-    extra = {"EVEN": n % block_n == 0 and k % bk == 0} if nibble else {}
+    if nibble:
+        scalars = (*scalars, x2d.stride(0) // 4)
+        flags = {"B_PAD": triton.next_power_of_2(batch), "EVEN": n % block_n == 0 and k % bk == 0}
+    else:
+        use_dot = batch > 1
+        if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
+            block_n, bk = max(block_n, 16), max(bk, 16)
+        flags = {"B_PAD": 16 if use_dot else 1, "USE_DOT": use_dot,
+                 "DOT_FP32": os.environ.get("TRITON_INTERPRET") == "1"}
     kernel[(triton.cdiv(n, block_n),)](
-        x2d, *tensors, out, n, k // 4 if nibble else k, *scalars, x2d.stride(0), out.stride(0),
-        B=batch, B_PAD=16 if use_dot else 1, BLOCK_N=block_n, BK=bk, USE_DOT=use_dot,
-        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps, **extra,
+        x2d, *tensors, out, n, k // 4 if nibble else k, *scalars[:1], x2d.stride(0), out.stride(0), *scalars[1:],
+        B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps, **flags,
     )
     return out
 
