@@ -75,7 +75,7 @@ def test_auto_prefetch_is_race_free_under_repetition():
 def test_fused_step_ops_match_eager_on_the_gpu():
     import torch.nn.functional as F
 
-    from codecllm.models import fused
+    from codecllm.models import fused_kernels as fused
     from codecllm.models.config import ModelConfig
     from codecllm.models.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inverse_frequencies
     from tests.conftest import bits

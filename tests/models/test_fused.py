@@ -25,7 +25,7 @@ def bf16(*shape, seed=0, scale=1.0):
 
 @pytest.mark.parametrize("d", [64, 80, 128])
 def test_rope_is_bit_identical_to_eager(d):
-    from codecllm.models import fused
+    from codecllm.models import fused_kernels as fused
 
     config = ModelConfig.from_name("tiny").replace(hidden_size=4 * d, num_attention_heads=4, head_dim=d)
     positions = torch.tensor([[5, 6, 7], [0, 1, 2]])
@@ -35,7 +35,7 @@ def test_rope_is_bit_identical_to_eager(d):
 
 
 def test_rms_norm_and_residual_add_match_eager():
-    from codecllm.models import fused
+    from codecllm.models import fused_kernels as fused
 
     norm = RMSNorm(1000, 1e-5).to(torch.bfloat16)
     norm.weight.data = bf16(1000, seed=1) + 1
@@ -47,7 +47,7 @@ def test_rms_norm_and_residual_add_match_eager():
 
 
 def test_silu_mul_matches_eager():
-    from codecllm.models import fused
+    from codecllm.models import fused_kernels as fused
 
     gate, up = bf16(5000, seed=4, scale=3), bf16(5000, seed=5)
     got, ref = fused.silu_mul(gate, up), F.silu(gate) * up

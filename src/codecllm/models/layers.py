@@ -20,14 +20,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.enabled(x) and self.weight.dtype == x.dtype:
-            return fused.rms_norm(x, self.weight, self.eps)
+            from codecllm.models.fused_kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         # Normalise in fp32, as the reference implementations do, then cast back.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, self(x + delta)): a residual add and the norm after it, one kernel on the GPU."""
         if fused.enabled(x) and self.weight.dtype == x.dtype and delta.dtype == x.dtype:
-            return fused.add_rms_norm(x, delta, self.weight, self.eps)
+            from codecllm.models.fused_kernels import add_rms_norm
+
+            return add_rms_norm(x, delta, self.weight, self.eps)
         x = x + delta
         return x, self(x)
 
@@ -60,7 +64,9 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (batch, heads, seq, head_dim) by the half-split convention of HF Llama."""
     if fused.enabled(x) and cos.dtype == x.dtype:
-        return fused.rope(x, cos, sin)
+        from codecllm.models.fused_kernels import rope
+
+        return rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

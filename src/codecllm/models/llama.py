@@ -61,7 +61,9 @@ class LlamaMLP(nn.Module):
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
         if fused.enabled(gate) and up.dtype == gate.dtype:
-            return self.down_proj(fused.silu_mul(gate, up))
+            from codecllm.models.fused_kernels import silu_mul
+
+            return self.down_proj(silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
 
