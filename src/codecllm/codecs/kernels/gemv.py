@@ -1,8 +1,8 @@
 """Triton GEMV for small batches (decode steps): y[b, n] = sum_k x[b, k] * W[n, k].
 
 Two kernels of one structure, so the comparison is like for like:
-  * `_gemv_plain_kernel`: W is a plain bf16/fp16/fp32 (N, K) matrix (2 bytes per bf16 weight).
-  * `_gemv_nibble_kernel`: W is `nibble` data decoded in registers: a sign+mantissa byte (N*K)
+  * `_plain_kernel`: W is a plain bf16/fp16/fp32 (N, K) matrix (2 bytes per bf16 weight).
+  * `_nibble_kernel`: W is `nibble` data decoded in registers: a sign+mantissa byte (N*K)
     and a 4-bit exponent code (two per byte, N*K/2): 1.5 bytes per weight.
 
 Each program owns BLOCK_N rows and walks K in BK-wide tiles, keeping one fp32 partial sum per
@@ -14,9 +14,9 @@ The nibble decode is integer-bound, so it works on 32-bit words: one load brings
 sign+mantissa bytes of 4 consecutive weights, a 16-bit load their 4 codes, and each fp32
 weight is 2 shifts + 3 masks + 1 add away (bf16 is the top half of an fp32). Escaped weights
 (code 15) are not special-cased in the loop: the loop computes a known wrong value for them
-(code 15 read as exponent base + 15) and a per-row list adds (true - wrong) * x afterwards, from
-values computed exactly on the host (subtracting the loop's product, then adding the true one).
-So the main loop has no compare and no select.
+(code 15 read as exponent base + 15); afterwards a per-row list subtracts that product and adds
+the true one, from values computed exactly on the host. So the main loop has no compare and no
+select.
 The weight bits become fp32 by bit operations only, which is exact and also what Triton's CPU
 interpreter gets right.
 """
@@ -59,7 +59,7 @@ def _bf16_at(words, J: tl.constexpr):
 @triton.jit(do_not_specialize=["base"])
 def _nibble_kernel(
     x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, out,
-    N, words_per_row, base, stride_xb, stride_ob, stride_xw,
+    N, words_per_row, base, stride_xw, stride_xb, stride_ob,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
 ):
     # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
@@ -168,7 +168,7 @@ def _launch(kernel, x2d, n, k, out, tensors, scalars, config, nibble):
     batch = x2d.shape[0]
     block_n, bk, warps = config or _config(n, k, batch, nibble)
     if nibble:
-        scalars = (*scalars, x2d.stride(0) // 4)
+        scalars = (*scalars, x2d.stride(0) // 4)  # base, x's row stride in 64-bit words
         flags = {"B_PAD": triton.next_power_of_2(batch), "EVEN": n % block_n == 0 and k % bk == 0}
     else:
         use_dot = batch > 1
@@ -177,7 +177,7 @@ def _launch(kernel, x2d, n, k, out, tensors, scalars, config, nibble):
         flags = {"B_PAD": 16 if use_dot else 1, "USE_DOT": use_dot,
                  "DOT_FP32": os.environ.get("TRITON_INTERPRET") == "1"}
     kernel[(triton.cdiv(n, block_n),)](
-        x2d, *tensors, out, n, k // 4 if nibble else k, *scalars[:1], x2d.stride(0), out.stride(0), *scalars[1:],
+        x2d, *tensors, out, n, k // 4 if nibble else k, *scalars, x2d.stride(0), out.stride(0),
         B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps, **flags,
     )
     return out
