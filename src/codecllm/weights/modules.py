@@ -58,19 +58,21 @@ class CompressedLinear(_Compressed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.override is not None:
             return F.linear(x, self.override, self.bias)
-        if self.cache.policy.kind == "fused" and self._fusable(x):
+        fused = self._fused_gemv_for(x) if self.cache.policy.kind == "fused" else None
+        if fused is not None:
             self.cache.count_fused()
-            y = self._fused_gemv()(x)
+            y = fused(x)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.decompressed_weight(), self.bias)
 
-    def _fusable(self, x: torch.Tensor) -> bool:
+    def _fused_gemv_for(self, x: torch.Tensor):
+        """The fused GEMV for this input, or None where it does not apply."""
         from codecllm.codecs.kernels_available import fused_gemv_possible
 
         rows = x.numel() // x.shape[-1]
-        return (self.encoded.codec == "nibble" and rows <= 8 and x.dtype == torch.bfloat16
-                and fused_gemv_possible(x.device)
-                and self._fused_gemv() is not None)
+        if self.encoded.codec != "nibble" or rows > 8 or x.dtype != torch.bfloat16 or not fused_gemv_possible(x.device):
+            return None
+        return self._fused_gemv()
 
     def _fused_gemv(self):
         """The nibble weight laid out for the fused GEMV, built once per weight; None when the
