@@ -34,11 +34,19 @@ def main() -> None:
             summary["codecllm_nibble_tok_s"][model] = nibble["tok_s"]
             summary["nibble_vs_bf16"][model] = nibble["tok_s"] / best_bf16["tok_s"]
             summary["nibble_weight_fraction"][model] = nibble["weights_held"] / nibble["weights_original"]
-        offload = rows.get("codecllm huffman offload (host RAM, prefetch)")
-        if offload and "h2d_gbps_achieved" in offload:
-            summary["offload_h2d_fraction"] = offload["h2d_gbps_achieved"] * 1e9 / data["h2d_bandwidth"]
         summary.update(gpu=data["environment"]["gpu"], date=data["environment"]["date"],
                        torch=data["environment"]["torch"])
+        summary["sources"].append(path.name)
+    for path in sorted(RESULTS.glob(f"offload-*-{args.gpu}.json")):
+        data = json.loads(path.read_text())
+        for label, r in data["rows"].items():
+            if "tok_s" not in r:
+                continue
+            if label.startswith("codecllm"):
+                summary.setdefault("offload_h2d_fraction", {})[data["model"]] = r["h2d_fraction"]
+                summary.setdefault("offload_tok_s", {})[data["model"]] = r["tok_s"]
+            else:
+                summary.setdefault("accelerate_cpu_offload_tok_s", {})[data["model"]] = r["tok_s"]
         summary["sources"].append(path.name)
     codecs = RESULTS / f"codecs-{args.gpu}.json"
     if codecs.exists():

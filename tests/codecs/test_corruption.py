@@ -48,14 +48,29 @@ def test_huffman_inconsistent_code_lengths():
         codecllm.decode(bad)
 
 
-def test_huffman_corrupted_stream_words_detected():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_huffman_corrupted_stream_words_detected(backend, request):
+    if backend == "triton":
+        request.getfixturevalue("triton_interpreter")
+
     def scramble(stream):
         stream[100:200] = torch.randint(-(2**31), 2**31 - 1, (100,), dtype=torch.int32)
         return stream
 
     bad = tampered(codecllm.encode(T, "huffman"), "stream", scramble)
     with pytest.raises(CodecError):
-        codecllm.decode(bad)
+        codecllm.decode(bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_huffman_invalid_codeword_detected(backend, request):
+    # One exponent only: a 1-bit code "0", so every peek with a low bit of 1 is invalid.
+    if backend == "triton":
+        request.getfixturevalue("triton_interpreter")
+    ones = torch.full((5000,), 1.5, dtype=torch.bfloat16)
+    bad = tampered(codecllm.encode(ones, "huffman"), "stream", lambda s: torch.full_like(s, -1))
+    with pytest.raises(CodecError, match="lane"):
+        codecllm.decode(bad, backend=backend)
 
 
 def test_nibble_escape_mismatch():

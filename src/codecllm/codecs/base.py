@@ -101,6 +101,10 @@ class EncodedTensor:
     # Validated, device-side pieces a decoder derives once (decode tables, widened indices), so
     # repeated decodes of the same tensor do no host work and no device synchronisation.
     derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # State that depends on the encoding alone, not on where its buffers live (a decode table per
+    # device): shared by every copy of this encoding, so a copy made per use (host-RAM weights
+    # streamed to the GPU) does not rebuild it.
+    shared: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def numel(self) -> int:
@@ -133,12 +137,15 @@ class EncodedTensor:
         device = torch.device(device)
         if all(_same_device(v.device, device) for v in self.buffers.values()):
             return self
-        buffers = {k: v.to(device, non_blocking=non_blocking) for k, v in self.buffers.items()}
-        return EncodedTensor(self.codec, self.dtype, self.shape, buffers, self.meta, self.tiles)
+        return self.with_buffers({k: v.to(device, non_blocking=non_blocking) for k, v in self.buffers.items()})
+
+    def with_buffers(self, buffers: dict[str, torch.Tensor]) -> EncodedTensor:
+        """The same encoding over other copies of its buffers (same names, sizes and contents)."""
+        return EncodedTensor(self.codec, self.dtype, self.shape, buffers, self.meta, self.tiles,
+                             shared=self.shared)
 
     def pin_memory(self) -> EncodedTensor:
-        buffers = {k: v.pin_memory() for k, v in self.buffers.items()}
-        return EncodedTensor(self.codec, self.dtype, self.shape, buffers, self.meta, self.tiles)
+        return self.with_buffers({k: v.pin_memory() for k, v in self.buffers.items()})
 
     def __repr__(self) -> str:
         return (

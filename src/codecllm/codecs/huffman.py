@@ -69,8 +69,14 @@ def canonical_codes(lengths: list[int]) -> list[int]:
     return codes
 
 
+QUICK_BITS = 8  # the GPU decoder's first lookup peeks this many bits
+
+
 def decode_table(lengths: torch.Tensor, code_bits: int) -> torch.Tensor:
-    """int32 [2**code_bits]: entry = symbol | (length << 8); length 0 marks an invalid peek."""
+    """int32 [2**code_bits + 2**QUICK_BITS]: entry = symbol | (length << 8); length 0 marks an
+    invalid peek. The first 2**code_bits entries decode any codeword from a code_bits-bit peek;
+    the last 2**QUICK_BITS decode the codewords of at most QUICK_BITS bits from a shorter peek
+    (0 for longer ones), a table small enough that a warp's lookups touch few cache lines."""
     lengths_list = [int(n) for n in lengths.tolist()]
     if any(n > code_bits for n in lengths_list):
         raise CodecError(f"huffman code lengths exceed {code_bits} bits: corrupted")
@@ -80,7 +86,9 @@ def decode_table(lengths: torch.Tensor, code_bits: int) -> torch.Tensor:
     for symbol, (length, code) in enumerate(zip(lengths_list, canonical_codes(lengths_list))):
         if length:
             table[code :: 1 << length] = symbol | (length << 8)
-    return table
+    quick = table[torch.arange(1 << QUICK_BITS) & ((1 << code_bits) - 1)]
+    quick = torch.where((quick >> 8) <= QUICK_BITS, quick, 0)
+    return torch.cat([table, quick])
 
 
 class HuffmanCodec(Codec):
@@ -191,7 +199,10 @@ class HuffmanCodec(Codec):
         stream = expect_size(encoded, "stream", (total_bits + 31) // 32 + 1)
         offsets = expect_size(encoded, "lane_offsets", lanes)
         lengths = expect_size(encoded, "code_lengths", 1 << layout.exponent_bits)
-        table = decode_table(lengths.cpu(), code_bits).to(stream.device)
+        key = ("huffman_table", str(stream.device))  # per device, built once per encoding
+        if key not in encoded.shared:
+            encoded.shared[key] = decode_table(lengths.cpu(), code_bits).to(stream.device)
+        table = encoded.shared[key]
         return layout, rest, stream, offsets, table, steps, code_bits, total_bits, lanes
 
     @staticmethod

@@ -28,6 +28,7 @@ import torch
 
 from codecllm.codecs import EncodedTensor, decode
 from codecllm.errors import CacheError
+from codecllm.weights.offload import HostStreamer
 
 POLICIES = ("none", "per-pass", "lru:K", "pin:K", "auto[:BYTES]", "all", "fused")
 # Policies whose work per forward pass is the same every pass once warm, so a CUDA graph of one
@@ -83,23 +84,23 @@ class CompressedWeight:
         self.encoded = encoded
         self.name = name
         self.nbytes = encoded.original_nbytes
+        self._sized: EncodedTensor | None = None
+        self._compressed_nbytes = 0
 
     @property
     def compressed_nbytes(self) -> int:
-        return self.encoded.nbytes
-
-    def decode_to(self, device: torch.device) -> torch.Tensor:
-        encoded = self.encoded
-        if encoded.device != device:
-            # Host-RAM storage: stream the compressed bytes over (pinned memory: asynchronous).
-            encoded = encoded.to(device, non_blocking=True)
-        return decode(encoded, device, verify=False)
+        if self._sized is not self.encoded:  # computed once per encoding (it serialises the metadata)
+            self._sized, self._compressed_nbytes = self.encoded, self.encoded.nbytes
+        return self._compressed_nbytes
 
 
 class WeightCache:
     def __init__(self, policy: str | Policy = "auto", log: Callable[[str], None] | None = None,
-                 log_every: int = 50):
+                 log_every: int = 50, stream_ahead_bytes: int = 256 * 2**20):
+        """stream_ahead_bytes: for weights stored in host RAM, how many compressed bytes may be
+        on their way to (or waiting on) the GPU at once."""
         self.policy = parse_policy(policy)
+        self.stream_ahead_bytes = stream_ahead_bytes
         self.log, self.log_every = log, log_every
         self.entries: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._held = 0  # bytes of the tensors in `entries`, kept current by _put/_drop
@@ -108,6 +109,7 @@ class WeightCache:
         self._weights: dict[int, CompressedWeight] = {}
         self._prefetched: tuple[int, torch.Tensor, torch.cuda.Event] | None = None
         self._side_stream: torch.cuda.Stream | None = None
+        self._host_streamer: HostStreamer | None = None  # host-RAM weights on their way to the GPU
         self._gpu_timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.reset_stats()
 
@@ -161,7 +163,10 @@ class WeightCache:
     @property
     def graph_safe(self) -> bool:
         """Whether a CUDA graph of one pass replays what this cache would do (trivially so when
-        the model has no compressed weights)."""
+        the model has no compressed weights). Weights kept in host RAM are copied over at each
+        use, outside any graph."""
+        if any(w.encoded.device.type == "cpu" for w in self._weights.values()):
+            return False
         return not self._weights or self.policy.kind in GRAPH_SAFE
 
     def count_fused(self) -> None:
@@ -208,6 +213,8 @@ class WeightCache:
         self._drop(id(weight))
         if self._prefetched is not None and self._prefetched[0] == id(weight):
             self._prefetched = None
+        if self._host_streamer is not None:
+            self._host_streamer.forget(id(weight))
 
     def get(self, weight: CompressedWeight, device: torch.device) -> torch.Tensor:
         """The decompressed weight, from the cache or decoded now."""
@@ -226,8 +233,9 @@ class WeightCache:
         elif self._prefetched is not None and self._prefetched[0] == key:
             _, tensor, ready = self._prefetched
             self._prefetched = None
-            torch.cuda.current_stream(device).wait_event(ready)
-            tensor.record_stream(torch.cuda.current_stream(device))
+            current = torch.cuda.current_stream(device)
+            current.wait_event(ready)
+            tensor.record_stream(current)
             self.prefetch_hits += 1
             self._store(key, tensor)
             status = "PREFETCHED"
@@ -239,6 +247,7 @@ class WeightCache:
         transient = 0 if key in self.entries else tensor.numel() * tensor.element_size()
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes + transient)
         self._prefetch_after(key, device)
+        self._stream_ahead(key, device)
         self._log_op(status, time.perf_counter() - start)
         return tensor
 
@@ -247,21 +256,54 @@ class WeightCache:
     def _decode(self, weight: CompressedWeight, device: torch.device) -> torch.Tensor:
         self.decompressions += 1
         self.bytes_decoded += weight.nbytes
-        if weight.encoded.device != device:
-            self.bytes_transferred += weight.compressed_nbytes
+        encoded = weight.encoded
+        if encoded.device == device:
+            return self._timed_decode(encoded, device)
+        self.bytes_transferred += weight.compressed_nbytes
+        if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return self._timed_decode(encoded.to(device), device)
+        # Host-RAM storage on CUDA: the copy was (or is now) issued on the streamer's stream.
+        with self._streamer(device).use(id(weight), encoded) as on_device:
+            return self._timed_decode(on_device, device)
+
+    def _timed_decode(self, encoded: EncodedTensor, device: torch.device) -> torch.Tensor:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return weight.decode_to(device)  # inside a CUDA graph capture: no timing events
+            return decode(encoded, device, verify=False)  # inside a CUDA graph capture: no timing events
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            tensor = weight.decode_to(device)
+            tensor = decode(encoded, device, verify=False)
             end.record()
             self._gpu_timings.append((start, end))
             return tensor
         start_s = time.perf_counter()
-        tensor = weight.decode_to(device)
+        tensor = decode(encoded, device, verify=False)
         self._cpu_decode_seconds += time.perf_counter() - start_s
         return tensor
+
+    def _streamer(self, device: torch.device) -> HostStreamer:
+        if self._host_streamer is None or self._host_streamer.device != device:
+            self._host_streamer = HostStreamer(device, self.stream_ahead_bytes)
+        return self._host_streamer
+
+    def _stream_ahead(self, key: int, device: torch.device) -> None:
+        """From the second pass on, copy the host-stored weights that come next (in the first
+        pass's order, skipping those held decompressed) while the GPU works on this one."""
+        streamer = self._host_streamer
+        position = self._position.get(key)
+        if streamer is None or streamer.device != device or self.forward_passes < 2 or position is None:
+            return
+        prefetched = self._prefetched[0] if self._prefetched is not None else None
+        for step in range(1, len(self.order)):
+            candidate = self.order[(position + step) % len(self.order)]
+            if candidate in self.entries or candidate == prefetched or streamer.is_issued(candidate):
+                continue
+            encoded = self._weights[candidate].encoded
+            if encoded.device == device:
+                continue
+            if not streamer.has_room(streamer.size_of(encoded)):
+                return
+            streamer.issue(candidate, encoded)
 
     def _put(self, key: int, tensor: torch.Tensor) -> None:
         self._drop(key)

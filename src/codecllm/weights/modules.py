@@ -9,6 +9,7 @@ from torch import nn
 
 from codecllm.codecs import EncodedTensor, encode
 from codecllm.weights.cache import CompressedWeight, WeightCache
+from codecllm.weights.offload import pin_packed
 
 
 class _Compressed(nn.Module):
@@ -29,6 +30,8 @@ class _Compressed(nn.Module):
     def set_encoded(self, encoded: EncodedTensor) -> None:
         """Replace the weight (same shape and dtype) and drop its stale decompressed copy."""
         self.cache.invalidate(self.weight_store)
+        if self.compute_device.type == "cuda" and self.encoded.device.type == "cpu":
+            encoded = pin_packed(encoded.to("cpu"))  # stays in host RAM, as the weight it replaces
         self.weight_store.encoded = encoded
 
     @property
@@ -114,7 +117,8 @@ class CompressedEmbedding(_Compressed):
 
 
 def _store(encoded: EncodedTensor, device: torch.device, storage: str) -> EncodedTensor:
-    """Compressed bytes on the compute device ("gpu") or in host RAM ("cpu", pinned on CUDA)."""
+    """Compressed bytes on the compute device ("gpu") or in host RAM ("cpu"; for a CUDA device
+    pinned, in one block per weight, so each weight streams over in one copy)."""
     if storage == "cpu":
-        return encoded.pin_memory() if device.type == "cuda" else encoded
+        return pin_packed(encoded) if device.type == "cuda" else encoded
     return encoded.to(device)

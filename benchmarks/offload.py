@@ -1,0 +1,107 @@
+"""Host-RAM offload: compressed weights in pinned host memory, streamed to the GPU ahead of use,
+against accelerate's cpu_offload of the bf16 transformers model, same weights, same run. Batch 1.
+
+    python benchmarks/offload.py --model llama-3.1-8b [--prompt 128] [--new 32] [--codec huffman]
+
+h2d_fraction = compressed bytes moved per token x tok/s / measured pinned host-to-device bandwidth
+(one 256 MiB copy). Decode tok/s as in decode.py: (N - 1) / (time(N) - time(1)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import environment, write_result  # noqa: E402
+from decode import decode_speed, hf_model_from, ours  # noqa: E402
+
+import codecllm  # noqa: E402
+from codecllm.report import format_table, human_bytes  # noqa: E402
+
+
+def h2d_bandwidth() -> float:
+    a = torch.empty(1 << 28, dtype=torch.uint8).pin_memory()
+    b = torch.empty(a.numel(), dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(8):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a, non_blocking=True)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return a.numel() / statistics.median(times[2:])
+
+
+
+def accelerate_offload(model, prompt, new):
+    """The peer for host-RAM offload: accelerate's cpu_offload of the bf16 transformers model
+    (weights in host RAM, each module's copied to the GPU when it runs)."""
+    try:
+        from accelerate import cpu_offload
+    except ImportError as exc:
+        return {"error": f"accelerate is not installed ({exc})"}
+    hf = hf_model_from(model).to("cpu")
+    cpu_offload(hf, execution_device=torch.device("cuda"))
+    ids = torch.tensor([prompt], device="cuda")
+
+    def generate(n):
+        with torch.no_grad():
+            return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    speed = decode_speed(generate, new, runs=1)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.module.parameters())
+    return {"tok_s": speed, "h2d_gbps_achieved": weight_bytes * speed / 1e9}
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tinyllama-1.1b")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--codec", default="huffman")
+    parser.add_argument("--skip", default="", help="comma-separated: accelerate")
+    args = parser.parse_args()
+    config = codecllm.models.ModelConfig.from_name(args.model)
+    prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    h2d = h2d_bandwidth()
+    rows: dict[str, dict] = {}
+    model, r = ours(args.model, prompt, args.new, weights=args.codec, cache="auto:0", storage="cpu")
+    per_token = r["stats"]["bytes_transferred"] / max(r["stats"]["forward_passes"], 1)
+    r.update(bytes_per_token=per_token, h2d_gbps_achieved=per_token * r["tok_s"] / 1e9)
+    r["h2d_fraction"] = r["h2d_gbps_achieved"] * 1e9 / h2d
+    rows[f"codecllm {args.codec} in host RAM, streamed (auto:0)"] = r
+    del model
+    if "accelerate" not in args.skip.split(","):
+        reference, _ = ours(args.model, prompt, 1, cuda_graphs=False, gemv="cublas")
+        r = accelerate_offload(reference, prompt, args.new)
+        del reference
+        if "h2d_gbps_achieved" in r:
+            r["h2d_fraction"] = r["h2d_gbps_achieved"] * 1e9 / h2d
+        rows["accelerate cpu_offload (bf16, transformers)"] = r
+    for r in rows.values():
+        r.pop("tokens", None)
+    headers = ["configuration", "tok/s", "bytes moved per token", "GB/s moved", "of pinned H2D", "GPU memory in use"]
+    print(format_table(headers,
+                       [[label, f"{r['tok_s']:.2f}" if "tok_s" in r else r.get("error", "-"),
+                         human_bytes(r["bytes_per_token"]) if "bytes_per_token" in r else "-",
+                         f"{r['h2d_gbps_achieved']:.1f}" if "h2d_gbps_achieved" in r else "-",
+                         f"{r['h2d_fraction']:.0%}" if "h2d_fraction" in r else "-",
+                         human_bytes(r["gpu_weights"]) if "gpu_weights" in r else "-"]
+                        for label, r in rows.items()]))
+    env = environment()
+    print(f"\n{args.model}; prompt {args.prompt}, {args.new} new tokens, batch 1; pinned H2D {h2d / 1e9:.1f} GB/s; "
+          f"{env['gpu']}; torch {env['torch']}; {env['date']}")
+    payload = {"model": args.model, "prompt": args.prompt, "new": args.new, "h2d_bandwidth": h2d, "rows": rows,
+               "environment": env}
+    print(f"wrote {write_result(f'offload-{args.model}', payload)}")
+
+
+if __name__ == "__main__":
+    main()
