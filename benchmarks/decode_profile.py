@@ -38,7 +38,12 @@ def rotating(items):
 
 
 def copies_of(encoded, nbytes):
-    return [encoded.to("cuda") for _ in range(min(64, max(1, -(-(256 << 20) // max(nbytes, 1)))))]
+    """Enough device copies to defeat L2, each decoded once so its derived state is built
+    (what a model's weights have after their first use)."""
+    copies = [encoded.to("cuda") for _ in range(min(64, max(1, -(-(256 << 20) // max(nbytes, 1)))))]
+    for copy in copies:
+        codecllm.decode(copy, verify=False)
+    return copies
 
 
 def profile(w: torch.Tensor, name: str, kernel_too: bool) -> dict:
