@@ -144,9 +144,6 @@ class EncodedTensor:
         return EncodedTensor(self.codec, self.dtype, self.shape, buffers, self.meta, self.tiles,
                              shared=self.shared)
 
-    def pin_memory(self) -> EncodedTensor:
-        return self.with_buffers({k: v.pin_memory() for k, v in self.buffers.items()})
-
     def __repr__(self) -> str:
         return (
             f"EncodedTensor(codec={self.codec!r}, dtype={dtype_name(self.dtype)}, "
