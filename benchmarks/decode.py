@@ -153,6 +153,7 @@ def main() -> None:
     del model
     model, r = ours(args.model, prompt, args.new, cuda_graphs=True, gemv="cublas")
     record("codecllm bf16 CUDA graph (cuBLAS)", r)
+    graph_cublas_tokens = r["tokens"]
     del model
     if "triton" not in skip:
         model, r = ours(args.model, prompt, args.new, cuda_graphs=True)
@@ -178,8 +179,13 @@ def main() -> None:
         if "tok_s" in r and "weights_held" in r:
             bytes_per_token = (r["weights_held"] if "nibble" in label else weight_bytes) + kv_read
             r["roofline_fraction"] = r["tok_s"] * bytes_per_token / bandwidth
+            # Greedy tokens of random-weight models flip on near-ties when the summation order
+            # changes (a graph attends over the padded cache bucket, our GEMVs tile differently),
+            # so each row is compared with the bf16 run that computes the same way: decompressed
+            # weights (huffman) with the cuBLAS graph run, everything else with the eager run.
+            reference = graph_cublas_tokens if "huffman" in label and graph_cublas_tokens else baseline_tokens
             if "tokens" in r:
-                r["same_tokens_as_bf16"] = r["tokens"] == baseline_tokens
+                r["same_tokens_as_bf16"] = r["tokens"] == reference
     prefill = {}
     if "prefill" not in skip:
         cases = [("bf16", None, "auto"), ("nibble (decompress per layer)", "nibble", "fused")]
@@ -191,10 +197,12 @@ def main() -> None:
             print(f"prefill {length} {label:34s} {prefill[label]:9.0f} tok/s", flush=True)
 
     print()
-    print(format_table(["configuration", "tok/s", "roofline", "weights held", "same tokens as bf16"],
+    print(format_table(["configuration", "tok/s", "roofline", "weights held", "+ kept decompressed",
+                        "same tokens as bf16"],
                        [[label, f"{r['tok_s']:.1f}" if "tok_s" in r else r.get("error", "-"),
                          f"{r['roofline_fraction']:.2f}" if "roofline_fraction" in r else "-",
                          human_bytes(r["weights_held"]) if "weights_held" in r else "-",
+                         human_bytes(r["stats"]["cache_bytes"]) if "stats" in r else "-",
                          {True: "yes", False: "NO"}.get(r.get("same_tokens_as_bf16"), "-")]
                         for label, r in rows.items()]))
     env = environment()

@@ -1,14 +1,17 @@
 """Where a decode step's GPU time goes: every kernel of one step, grouped by name, with launches
-and microseconds per step (torch.profiler, eager steps: kernel times are the same as in the
-graph, the gaps between them are not).
+and microseconds per step (torch.profiler). Eager steps by default; --graphs profiles replays of
+the captured decode step (the path `codecllm bench` times), whose kernels differ (static KV
+slot, Triton GEMVs). Kernel time excludes the gaps between kernels; wall time per step is
+printed beside it.
 
-    python benchmarks/step_profile.py --model tinyllama-1.1b [--weights nibble --cache fused]
+    python benchmarks/step_profile.py --model tinyllama-1.1b [--weights nibble --cache fused] [--graphs]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,8 +31,10 @@ def main() -> None:
     parser.add_argument("--weights", default=None)
     parser.add_argument("--cache", default="auto")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--graphs", action="store_true", help="profile CUDA-graph replays of the decode step")
     args = parser.parse_args()
-    model = codecllm.load(args.model, device="cuda", weights=args.weights, cache=args.cache, cuda_graphs=False)
+    model = codecllm.load(args.model, device="cuda", weights=args.weights, cache=args.cache,
+                          cuda_graphs=args.graphs)
     prompt = list(range(1, 129))
     model.generate(prompt, args.steps + 1)  # warm-up
     model.generate(prompt, 1)
@@ -60,11 +65,21 @@ def main() -> None:
     total_launches = sum(r[1] for r in rows)
     print(format_table(["kernel", "launches/step", "us/step", "share"],
                        [[name[:80], f"{n:.0f}", f"{us:.1f}", f"{us / total_us:.0%}"] for name, n, us in rows[:25]]))
-    print(f"\n{args.model} {args.weights or 'bf16'} ({args.cache}): {total_launches:.0f} kernels, "
-          f"{total_us:.0f} us of kernel time per decode step")
+    wall = {}
+    for n in (1, args.steps + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(prompt, n)
+        torch.cuda.synchronize()
+        wall[n] = time.perf_counter() - start
+    wall_us = (wall[args.steps + 1] - wall[1]) / args.steps * 1e6
+    mode = "graph" if args.graphs else "eager"
+    print(f"\n{args.model} {args.weights or 'bf16'} ({args.cache}, {mode}): {total_launches:.0f} kernels, "
+          f"{total_us:.0f} us of kernel time per decode step, {wall_us:.0f} us wall")
     env = environment()
-    label = f"step_profile-{args.model}-{args.weights or 'bf16'}"
-    payload = {"rows": rows, "kernels_per_step": total_launches, "kernel_us_per_step": total_us, "environment": env}
+    label = f"step_profile-{args.model}-{args.weights or 'bf16'}" + ("-graph" if args.graphs else "")
+    payload = {"rows": rows, "kernels_per_step": total_launches, "kernel_us_per_step": total_us,
+               "wall_us_per_step": wall_us, "graphs": args.graphs, "environment": env}
     print(f"wrote {write_result(label, payload)}")
 
 

@@ -172,7 +172,10 @@ class DecodeGraph:
         self.per_pass: dict[str, int] = {}
 
     def _step(self) -> None:
-        mask = (self.columns <= self.slot)[None, None, None, :] & self.padding[:, None, None, :]
+        visible = (self.columns <= self.slot)[None, None, None, :] & self.padding[:, None, None, :]
+        # Additive (0 / -inf) in the cache's dtype, made once per step: a boolean mask would be
+        # converted by every layer's attention call (three small kernels per layer).
+        mask = torch.zeros_like(visible, dtype=self.cache.k.dtype).masked_fill_(~visible, float("-inf"))
         with graph_step():
             self.logits = self.model(self.token, self.position, mask, self.cache)[:, -1]
         if self.greedy:
@@ -207,6 +210,8 @@ class DecodeGraph:
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         before = weight_cache.counters() if weight_cache is not None else None
+        if weight_cache is not None:
+            weight_cache.before_capture()
         with torch.cuda.graph(self.graph):
             self._step()
         if weight_cache is not None:  # count replays only: one captured pass's work per replay

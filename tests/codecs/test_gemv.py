@@ -37,7 +37,8 @@ def test_fused_nibble_gemv_matches_reference(n, k, batch):
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
 
 
-def test_fused_policy_uses_the_gemv_for_decode_steps(tmp_path):
+def test_fused_policy_uses_the_gemv_for_decode_steps(tmp_path, monkeypatch):
+    from codecllm.codecs.kernels import gemv as kernels
     from codecllm.models import ModelConfig, write_random_model
 
     # A very small model: the interpreter runs every GEMV program in Python.
@@ -47,11 +48,18 @@ def test_fused_policy_uses_the_gemv_for_decode_steps(tmp_path):
     plain = codecllm.load(path)
     fused = codecllm.load(path, weights="nibble", cache="fused")
     prompt = [1, 2, 3]
+    launches = []
+    group = kernels.gemv_group
+    monkeypatch.setattr(kernels, "gemv_group", lambda x, w, gated=False, **kw: launches.append(
+        (len(w), gated)) or group(x, w, gated=gated, **kw))
     # Both paths compute from the same bf16 weights; greedy tokens agree on this model, and no
     # decompressed copy is kept.
     assert fused.generate(prompt, 3) == plain.generate(prompt, 3)
     s = fused.stats()
-    assert s["fused_calls"] == 3 * 8 and s["cache_entries"] == 0  # 3 passes x 8 linears (prompt <= 8 rows)
+    # 3 passes x (8 linears + the embedding lookup) (prompt <= 8 rows)
+    assert s["fused_calls"] == 3 * 9 and s["cache_entries"] == 0
+    # per pass: q/k/v in one launch, gate/up with SiLU in one, then o, down and lm_head alone
+    assert launches == 3 * [(3, False), (1, False), (2, True), (1, False), (1, False)]
 
 
 def test_plain_gemv_odd_in_features():
@@ -113,3 +121,67 @@ def test_load_checks_the_gemv_option():
 
     with pytest.raises(ConfigError, match="gemv must be 'auto' or 'cublas', got 'fast'"):
         codecllm.load("tiny", gemv="fast")
+
+
+@pytest.mark.parametrize("nibble", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gemv_group_is_the_separate_gemvs_side_by_side(nibble, batch):
+    """One launch over up to three matrices (q/k/v) runs each one's rows through the same loop
+    as a separate call, so the outputs must be the separate outputs, bit for bit."""
+    from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv, gemv_group
+
+    k = 200  # not a multiple of the tile: masked loads at the edge
+    mats = [weights_with_escapes(n, k, seed=n) for n in (9, 4, 4)]
+    weights = [NibbleGemvWeight(codecllm.encode(w, "nibble")) for w in mats] if nibble else mats
+    x = torch.randn(batch, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+
+    def one(w):
+        return w(x, out_dtype=torch.float32) if nibble else gemv(x.float(), w.float())
+
+    for count in (2, 3):
+        together = gemv_group(x, weights[:count], out_dtype=torch.float32) if nibble else \
+            gemv_group(x.float(), [w.float() for w in weights[:count]])
+        assert torch.equal(bits(together), bits(torch.cat([one(w) for w in weights[:count]], dim=-1)))
+
+
+@pytest.mark.parametrize("nibble", [False, True])
+def test_gated_gemv_is_silu_of_gate_times_up(nibble):
+    """gate/up in one launch with SiLU(gate) * up applied to the rounded bf16 outputs, as the
+    eager ops do; SiLU's exp may differ by one bf16 step."""
+    import torch.nn.functional as F
+
+    from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv, gemv_group
+
+    k = 256
+    gate, up = weights_with_escapes(12, k, seed=3) * 40, weights_with_escapes(12, k, seed=4)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(2)).bfloat16()
+    if nibble:
+        pair = [NibbleGemvWeight(codecllm.encode(w, "nibble")) for w in (gate, up)]
+        g, u = (w(x, out_dtype=torch.float32).bfloat16() for w in pair)
+    else:
+        pair = [gate, up]
+        g, u = (gemv(x.float(), w.float()).bfloat16() for w in pair)  # rounded as torch rounds
+    got, ref = gemv_group(x, pair, gated=True), F.silu(g) * u
+    apart = (bits(got).int() - bits(ref).int()).abs()
+    assert got.dtype == torch.bfloat16 and apart.max() <= 1 and (apart == 0).float().mean() > 0.9
+
+
+def test_gemv_group_refuses_mismatched_weights():
+    from codecllm.codecs.kernels.gemv import gemv_group
+
+    x = torch.randn(1, 16).bfloat16()
+    expected = r"1-3 weights of one kind with 16 input features, got \[\(4, 16\), \(4, 8\)\]"
+    with pytest.raises(ValueError, match=expected):
+        gemv_group(x, [torch.randn(4, 16), torch.randn(4, 8)])
+    with pytest.raises(ValueError, match="two weights of one shape"):
+        gemv_group(x, [torch.randn(4, 16), torch.randn(5, 16)], gated=True)
+
+
+def test_nibble_rows_are_the_embedding_rows_bit_for_bit():
+    """The fused policy's embedding lookup decodes only the rows it needs, escapes included."""
+    from codecllm.codecs.kernels.gemv import NibbleGemvWeight
+
+    table = weights_with_escapes(40, 132, seed=5)
+    ids = torch.tensor([[39, 0, 1], [2, 20, 39]])
+    got = NibbleGemvWeight(codecllm.encode(table, "nibble")).rows(ids)
+    assert torch.equal(bits(got), bits(torch.nn.functional.embedding(ids, table)))

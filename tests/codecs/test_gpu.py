@@ -63,13 +63,17 @@ def test_cuda_graph_decode_matches_eager_for_every_graph_safe_policy():
         assert s["forward_passes"] == 3 * 24
 
 
-def test_auto_prefetch_is_race_free_under_repetition():
-    # auto is eager-only: the reference decodes eagerly too, so only the prefetch differs
-    expected = codecllm.load("tiny", device="cuda", cuda_graphs=False).generate(list(b"prefetch"), 32)
-    model = codecllm.load("tiny", device="cuda", weights="huffman", cache="auto:1MB")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_auto_prefetch_is_race_free_under_repetition(graphs):
+    # the reference decodes eagerly with cuBLAS linears, as auto's decompressed weights do, so
+    # only the prefetch (eager, or forked and joined inside the captured step) differs
+    expected = codecllm.load("tiny", device="cuda", cuda_graphs=False, gemv="cublas").generate(list(b"prefetch"), 32)
+    model = codecllm.load("tiny", device="cuda", weights="huffman", cache="auto:1MB", cuda_graphs=graphs)
+    assert model.uses_cuda_graphs == graphs
     for _ in range(5):
         assert model.generate(list(b"prefetch"), 32) == expected
-    assert model.stats()["prefetch_hits"] > 0
+    s = model.stats()
+    assert s["prefetch_hits"] > 0 and s["cache_entries"] > 0
 
 
 def test_fused_step_ops_match_eager_on_the_gpu():
@@ -96,3 +100,44 @@ def test_fused_step_ops_match_eager_on_the_gpu():
     apart = (bits(fused.silu_mul(gate, up)).int() - bits(F.silu(gate) * up).int()).abs()
     assert apart.max() <= 1 and (apart == 0).float().mean() > 0.99
     assert apply_rope(x, cos, sin).is_contiguous()  # the model path takes the fused kernel on CUDA
+
+
+def test_grouped_and_gated_gemvs_on_the_gpu():
+    """q/k/v in one launch gives the separate launches' bits; gate/up with SiLU in one launch
+    gives F.silu(gate) * up of the separate bf16 outputs within one bf16 step."""
+    import torch.nn.functional as F
+
+    from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv, gemv_group
+    from tests.conftest import bits
+
+    x = torch.randn(1, 2048, device="cuda").bfloat16()
+    for nibble in (False, True):
+        mats = [gaussian_weights(n * 2048, seed=n).view(n, 2048).cuda() for n in (2048, 256, 256)]
+        weights = [NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in mats] if nibble else mats
+        one = (lambda w: w(x)) if nibble else (lambda w: gemv(x, w))
+        assert torch.equal(bits(gemv_group(x, weights)), bits(torch.cat([one(w) for w in weights], -1)))
+        pair = [gaussian_weights(5632 * 2048, seed=s).view(5632, 2048).cuda() for s in (1, 2)]
+        pair = [NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in pair] if nibble else pair
+        apart = (bits(gemv_group(x, pair, gated=True)).int() - bits(F.silu(one(pair[0])) * one(pair[1])).int()).abs()
+        assert apart.max() <= 1 and (apart == 0).float().mean() > 0.99
+
+
+def test_rope_kv_write_on_the_gpu():
+    from codecllm.kv.cache import KVCache
+    from codecllm.models import fused_kernels as fused
+    from codecllm.models.config import ModelConfig
+    from codecllm.models.layers import apply_rope, rope_cos_sin, rope_inverse_frequencies
+    from tests.conftest import bits
+
+    b, h, hkv, d = 2, 32, 8, 128
+    cos, sin = rope_cos_sin(rope_inverse_frequencies(ModelConfig.from_name("llama-3.1-8b")),
+                            torch.tensor([[1000], [7]], device="cuda"), torch.bfloat16)
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, device="cuda").bfloat16()
+    q, k, v = (t.view(b, 1, -1, d) for t in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
+    ours, ref = (KVCache(1, b, hkv, 512, d, device="cuda") for _ in range(2))
+    for cache in (ours, ref):
+        cache.slot = torch.tensor([300], device="cuda")
+    q_rot = fused.rope_kv_write(q, k, v, cos, sin, ours.k[0], ours.v[0], ours.slot)
+    ref.update(0, apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2))
+    assert torch.equal(bits(q_rot), bits(apply_rope(q.transpose(1, 2), cos, sin)))
+    assert torch.equal(bits(ours.k), bits(ref.k)) and torch.equal(bits(ours.v), bits(ref.v))

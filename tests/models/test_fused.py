@@ -55,3 +55,24 @@ def test_silu_mul_matches_eager():
     assert apart.max() <= 1 and (apart == 0).float().mean() > 0.99
     special = torch.tensor([float("nan"), 1.0, float("-inf"), 0.0]).bfloat16()
     assert torch.equal(bits(fused.silu_mul(special, special)), bits(F.silu(special) * special))
+
+
+def test_rope_kv_write_is_rope_plus_the_cache_update():
+    """The decode step's q/k RoPE and KV-cache write in one kernel, from views into one fused
+    q/k/v row, give the bits of apply_rope + KVCache.update at the slot."""
+    from codecllm.kv.cache import KVCache
+    from codecllm.models import fused_kernels as fused
+
+    b, h, hkv, d, length = 2, 4, 2, 64, 16
+    config = ModelConfig.from_name("tiny").replace(hidden_size=h * d, num_attention_heads=h, head_dim=d)
+    cos, sin = rope_cos_sin(rope_inverse_frequencies(config), torch.tensor([[7], [3]]), torch.bfloat16)
+    qkv = bf16(b, 1, (h + 2 * hkv) * d, seed=9)
+    q, k, v = (t.view(b, 1, -1, d) for t in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
+    ours, ref = (KVCache(1, b, hkv, length, d) for _ in range(2))
+    for cache in (ours, ref):
+        cache.k.normal_(generator=torch.Generator().manual_seed(1))
+        cache.slot = torch.tensor([5])
+    q_rot = fused.rope_kv_write(q, k, v, cos, sin, ours.k[0], ours.v[0], ours.slot)
+    ref.update(0, apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2))
+    assert torch.equal(bits(q_rot), bits(apply_rope(q.transpose(1, 2), cos, sin)))
+    assert torch.equal(bits(ours.k), bits(ref.k)) and torch.equal(bits(ours.v), bits(ref.v))

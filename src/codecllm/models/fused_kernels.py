@@ -1,5 +1,6 @@
 """Triton kernels for the decode step's elementwise ops (see `fused.py` for when they run):
-RMSNorm, residual add + RMSNorm, RoPE, SiLU(gate) * up, one kernel each.
+RMSNorm, residual add + RMSNorm, RoPE, SiLU(gate) * up, one kernel each, and for a decode token
+RoPE of q and k with the KV-cache write in one kernel.
 
 Every kernel rounds exactly where the PyTorch code it replaces rounds (bf16 after each op, fp32
 inside RMSNorm), with round-to-nearest-even done by integer ops and results stored as raw
@@ -13,32 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _bf16_bits(v):
-    """fp32 -> the bits of the nearest bf16 (ties to even; NaN -> 0x7FC0), as uint16 values in
-    uint32, which is what torch's conversion gives. Integer ops only (exact in the interpreter)."""
-    bits = v.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return tl.where(v != v, 0x7FC0, rounded)
-
-
-@triton.jit
-def _bf16_round(v):
-    """fp32 -> fp32 holding the nearest bf16."""
-    return (_bf16_bits(v) << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _load_bf16(ptr, mask):
-    """bf16 -> fp32 by a bit shift (exact; the interpreter's bf16 handling is not)."""
-    raw = tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.uint32)
-    return (raw << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _store_bf16(ptr, v, mask):
-    tl.store(ptr.to(tl.pointer_type(tl.uint16)), _bf16_bits(v).to(tl.uint16), mask=mask)
+from codecllm.codecs.kernels.bf16 import bf16_round as _bf16_round
+from codecllm.codecs.kernels.bf16 import load_bf16 as _load_bf16
+from codecllm.codecs.kernels.bf16 import silu_times
+from codecllm.codecs.kernels.bf16 import store_bf16 as _store_bf16
 
 
 @triton.jit
@@ -84,23 +63,28 @@ def _warps(d: int) -> int:
 
 
 @triton.jit
+def _rotate(src, dst, cos, sin, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr):
+    """One head: dst = src * cos + rotate_half(src) * sin, rounded after each op as the eager
+    bf16 code does. cos, sin point at this token's table row."""
+    cols = tl.arange(0, HALF_BLOCK)
+    ok = cols < HALF
+    first, second = _load_bf16(src + cols, ok), _load_bf16(src + HALF + cols, ok)
+    c1, s1 = _load_bf16(cos + cols, ok), _load_bf16(sin + cols, ok)
+    c2, s2 = _load_bf16(cos + HALF + cols, ok), _load_bf16(sin + HALF + cols, ok)
+    _store_bf16(dst + cols, _bf16_round(first * c1) + _bf16_round(-second * s1), ok)
+    _store_bf16(dst + HALF + cols, _bf16_round(second * c2) + _bf16_round(first * s2), ok)
+
+
+@triton.jit
 def _rope_kernel(x, cos, sin, out, H, T, stride_b, stride_h, stride_t, cs_stride_b,
                  D: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = pid % T
     h = (pid // T) % H
     b = pid // (T * H)
-    src = x + b.to(tl.int64) * stride_b + h * stride_h + t * stride_t
-    cols = tl.arange(0, HALF_BLOCK)
-    first = _load_bf16(src + cols, cols < HALF)
-    second = _load_bf16(src + HALF + cols, cols < HALF)
     table = b.to(tl.int64) * cs_stride_b + t * D
-    dst = out + pid.to(tl.int64) * D
-    # x * cos + rotate_half(x) * sin, rounded after each op as the eager bf16 code does
-    c1, s1 = _load_bf16(cos + table + cols, cols < HALF), _load_bf16(sin + table + cols, cols < HALF)
-    c2, s2 = _load_bf16(cos + table + HALF + cols, cols < HALF), _load_bf16(sin + table + HALF + cols, cols < HALF)
-    _store_bf16(dst + cols, _bf16_round(first * c1) + _bf16_round(-second * s1), cols < HALF)
-    _store_bf16(dst + HALF + cols, _bf16_round(second * c2) + _bf16_round(first * s2), cols < HALF)
+    _rotate(x + b.to(tl.int64) * stride_b + h * stride_h + t * stride_t, out + pid.to(tl.int64) * D,
+            cos + table, sin + table, HALF, HALF_BLOCK)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -116,12 +100,53 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rope_kv_kernel(q, k, v, cos, sin, q_out, k_cache, v_cache, slot, H, HKV, L, stride_qb, stride_kb,
+                    stride_vb, cs_stride_b, D: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr):
+    # One program per (sequence, head): query heads are rotated into q_out, key heads rotated
+    # straight into the cache at `slot` (read on the device, so a CUDA graph can replay this),
+    # value heads copied there.
+    pid = tl.program_id(0)
+    b = pid // (H + HKV)
+    h = pid % (H + HKV)
+    table = b.to(tl.int64) * cs_stride_b
+    if h < H:
+        _rotate(q + b.to(tl.int64) * stride_qb + h * D, q_out + (b * H + h).to(tl.int64) * D,
+                cos + table, sin + table, HALF, HALF_BLOCK)
+    else:
+        kv_head = h - H
+        at = ((b * HKV + kv_head).to(tl.int64) * L + tl.load(slot)) * D
+        _rotate(k + b.to(tl.int64) * stride_kb + kv_head * D, k_cache + at, cos + table, sin + table,
+                HALF, HALF_BLOCK)
+        cols = tl.arange(0, 2 * HALF_BLOCK)
+        ok = cols < D
+        row = tl.load((v + b.to(tl.int64) * stride_vb + kv_head * D + cols).to(tl.pointer_type(tl.uint16)), mask=ok)
+        tl.store((v_cache + at + cols).to(tl.pointer_type(tl.uint16)), row, mask=ok)
+
+
+def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """One decode token: q (B, 1, H, D), k, v (B, 1, Hkv, D), each with unit stride inside a
+    token's row (views into one fused q/k/v output are fine); cos, sin (B, 1, 1, D). Writes
+    rope(k) and v at position slot[0] of k_cache, v_cache (B, Hkv, L, D, contiguous: one layer of
+    a KVCache) and returns rope(q) as (B, H, 1, D). The same bits as apply_rope + index_copy_."""
+    b, _, h, d = q.shape
+    hkv, length = k_cache.shape[1], k_cache.shape[2]
+    for t in (q, k, v):
+        if t.stride(-1) != 1 or t.stride(-2) != d:
+            raise ValueError(f"rope_kv_write needs each token's heads contiguous, got strides {t.stride()}")
+    cos, sin = cos.expand(b, 1, 1, d).contiguous(), sin.expand(b, 1, 1, d).contiguous()
+    q_out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
+    _rope_kv_kernel[(b * (h + hkv),)](
+        q, k, v, cos, sin, q_out, k_cache, v_cache, slot, h, hkv, length, q.stride(0), k.stride(0), v.stride(0),
+        cos.stride(0), D=d, HALF=d // 2, HALF_BLOCK=triton.next_power_of_2(d // 2), num_warps=1)
+    return q_out
+
+
+@triton.jit
 def _silu_mul_kernel(gate, up, out, n, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
-    g = _load_bf16(gate + i, ok)
-    activated = _bf16_round(g / (1.0 + tl.exp(-g)))
-    _store_bf16(out + i, activated * _load_bf16(up + i, ok), ok)
+    _store_bf16(out + i, silu_times(_load_bf16(gate + i, ok), _load_bf16(up + i, ok)), ok)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

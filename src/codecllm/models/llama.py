@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codecllm.kv.cache import KVCache
 from codecllm.models import fused
 from codecllm.models.config import ModelConfig
 from codecllm.models.layers import RMSNorm, apply_rope, attention, rope_cos_sin, rope_inverse_frequencies
 from codecllm.weights.experts import check_fresh
+from codecllm.weights.fast_linear import fused_projections
 
 
 class LlamaAttention(nn.Module):
@@ -35,11 +37,23 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        sizes = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
+        qkv = fused_projections(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = qkv.split(sizes, dim=-1) if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, t, self.heads, self.head_dim)
+        k = k.view(b, t, self.kv_heads, self.head_dim)
+        v = v.view(b, t, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        elif t == 1 and type(kv_cache) is KVCache and kv_cache.slot is not None and fused.enabled(q) \
+                and cos.dtype == q.dtype:
+            # a CUDA-graph decode step: RoPE of q and k and the cache write in one kernel
+            from codecllm.models.fused_kernels import rope_kv_write
+
+            k_all, v_all = kv_cache.k[self.layer], kv_cache.v[self.layer]
+            q = rope_kv_write(q, k, v, cos, sin, k_all, v_all, kv_cache.slot)
+            y = attention(q, k_all, v_all, mask)
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
@@ -59,6 +73,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=False)
 
     def forward(self, x):
+        gated = fused_projections(x, (self.gate_proj, self.up_proj), gated=True)
+        if gated is not None:
+            return self.down_proj(gated)
         gate, up = self.gate_proj(x), self.up_proj(x)
         if fused.enabled(gate) and up.dtype == gate.dtype:
             from codecllm.models.fused_kernels import silu_mul
@@ -76,9 +93,20 @@ class LlamaBlock(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
+        x, delta = self.residual_forward(x, None, cos, sin, mask, kv_cache)
+        return x + delta
+
+    def residual_forward(self, x, pending, cos, sin, mask, kv_cache=None):
+        """(residual stream, this block's MLP output not yet added): the caller adds it inside
+        the next norm (one kernel instead of an add and a norm). `pending`: the previous
+        block's MLP output, or None."""
+        if pending is None:
+            normed = self.input_layernorm(x)
+        else:
+            x, normed = self.input_layernorm.add_and_norm(x, pending)
         x, normed = self.post_attention_layernorm.add_and_norm(
-            x, self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache))
-        return x + self.mlp(normed)
+            x, self.self_attn(normed, cos, sin, mask, kv_cache))
+        return x, self.mlp(normed)
 
 
 class LlamaModel(nn.Module):
@@ -107,6 +135,8 @@ class LlamaForCausalLM(nn.Module):
             check_fresh(kv_cache, self)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        pending = None
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, kv_cache)
-        return self.lm_head(self.model.norm(x))
+            x, pending = block.residual_forward(x, pending, cos, sin, mask, kv_cache)
+        x = self.model.norm(x) if pending is None else self.model.norm.add_and_norm(x, pending)[1]
+        return self.lm_head(x)

@@ -10,6 +10,7 @@ Policies (`parse_policy`):
   pin:K       keep the first K weights used, for good (on a cyclic scan: hit rate K/N)
   auto[:B]    keep weights while they fit in a byte budget B (e.g. 512MB, 0 by default) and,
               on CUDA, decompress the next weight on a side stream while the current one computes
+              (inside a captured decode step too)
   all         decompress once, keep everything
   fused       never keep a decompressed copy: `nibble` weights are decoded inside the GEMV for
               inputs of at most 8 rows (decode steps, on CUDA); larger inputs and other codecs
@@ -32,8 +33,10 @@ from codecllm.weights.offload import HostStreamer
 
 POLICIES = ("none", "per-pass", "lru:K", "pin:K", "auto[:BYTES]", "all", "fused")
 # Policies whose work per forward pass is the same every pass once warm, so a CUDA graph of one
-# decode step replays them faithfully (lru and auto decide anew at every access).
-GRAPH_SAFE = ("none", "per-pass", "pin", "all", "fused")
+# decode step replays them faithfully (lru decides anew at every access). auto's kept set is
+# fixed by the end of the first pass (it only adds weights while they fit), and a captured pass
+# prefetches within itself only: the side-stream decodes fork from and join the captured stream.
+GRAPH_SAFE = ("none", "per-pass", "pin", "all", "fused", "auto")
 COUNTERS = ("forward_passes", "decompressions", "hits", "misses", "prefetch_hits", "fused_calls",
             "bytes_decoded", "bytes_transferred")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -208,6 +211,12 @@ class WeightCache:
         self._drop_all()
         self._prefetched = None
 
+    def before_capture(self) -> None:
+        """Settle a prefetch issued by an eager pass: a captured pass may not wait on it."""
+        if self._prefetched is not None:
+            torch.cuda.current_stream(self._prefetched[1].device).wait_event(self._prefetched[2])
+            self._prefetched = None
+
     def invalidate(self, weight: CompressedWeight) -> None:
         """Forget the decompressed copy of `weight` (its encoding changed)."""
         self._drop(id(weight))
@@ -233,9 +242,10 @@ class WeightCache:
         elif self._prefetched is not None and self._prefetched[0] == key:
             _, tensor, ready = self._prefetched
             self._prefetched = None
-            current = torch.cuda.current_stream(device)
-            current.wait_event(ready)
-            tensor.record_stream(current)
+            # No record_stream: the side stream reuses this block only after its next fork from
+            # this stream, which comes after the caller's use of the tensor is enqueued (the next
+            # get()). record_stream would also keep a capture from reusing any prefetched block.
+            torch.cuda.current_stream(device).wait_event(ready)
             self.prefetch_hits += 1
             self._store(key, tensor)
             status = "PREFETCHED"
@@ -344,7 +354,9 @@ class WeightCache:
         position = self._position.get(key)
         if position is None:
             return
-        for step in range(1, len(self.order)):
+        # a captured pass prefetches within itself: a graph replay cannot hand a tensor to the next
+        steps = len(self.order) - position if torch.cuda.is_current_stream_capturing() else len(self.order)
+        for step in range(1, steps):
             candidate = self.order[(position + step) % len(self.order)]
             if candidate not in self.entries:
                 break

@@ -1,5 +1,5 @@
 """GemvLinear: nn.Linear whose single-row calls inside a CUDA-graph decode step run our Triton
-GEMV instead of cuBLAS.
+GEMV instead of cuBLAS; `fused_projections`: several linears over one input in one launch.
 
 The uncompressed baseline must be the best GEMV we can measure, not just cuBLAS: at batch 1 our
 Triton kernel beats cuBLAS on every decode shape of the benchmarks (benchmarks/gemv.py), at
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 
 import torch
 import torch.nn.functional as F
@@ -49,3 +50,36 @@ def use_triton_gemv(model: nn.Module) -> int:
             module.__class__ = GemvLinear
             count += 1
     return count
+
+
+def fused_projections(x: torch.Tensor, linears, gated: bool = False) -> torch.Tensor | None:
+    """The outputs of 2-3 bias-free linears over the same input (q/k/v), side by side along the
+    last dimension, from one GEMV launch; with gated=True (gate, up) silu(gate(x)) * up(x).
+    None where the single-launch kernel does not apply (the caller then runs each linear):
+    it applies where each linear alone would take a Triton GEMV, i.e. uncompressed linears
+    inside a graph step at one row, or nibble weights under the `fused` policy at <= 8 rows.
+    A batch-1 decode step of a small model is bound by its kernel count, which this cuts."""
+    from codecllm.weights.modules import CompressedLinear
+
+    first = linears[0]
+    if any(type(linear) is not type(first) or linear.bias is not None for linear in linears):
+        return None
+    if gated and (x.dtype != torch.bfloat16 or os.environ.get("CODECLLM_FUSED", "1") == "0"):
+        return None
+    if type(first) is GemvLinear:
+        if not (_in_graph_step.get() and x.numel() == x.shape[-1] and fused_gemv_possible(x.device)):
+            return None
+        weights = [linear.weight for linear in linears]
+    elif type(first) is CompressedLinear:
+        if first.cache.policy.kind != "fused" or any(linear.override is not None for linear in linears):
+            return None
+        weights = [linear._fused_gemv_for(x) for linear in linears]
+        if any(w is None for w in weights):
+            return None
+        for linear in linears:
+            linear.cache.count_fused()
+    else:
+        return None
+    from codecllm.codecs.kernels.gemv import gemv_group
+
+    return gemv_group(x, weights, gated=gated)

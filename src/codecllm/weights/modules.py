@@ -38,6 +38,20 @@ class _Compressed(nn.Module):
     def compressed_nbytes(self) -> int:
         return self.weight_store.compressed_nbytes
 
+    def _fused_gemv(self):
+        """The nibble weight laid out for the fused GEMV, built once per weight; None when the
+        kernel cannot take it (odd shapes, exponents near the top of the range): such a weight
+        is decompressed through the cache instead."""
+        store = self.weight_store
+        if getattr(store, "gemv_source", None) is not store.encoded:
+            from codecllm.codecs.kernels.gemv import NibbleGemvWeight, nibble_gemv_supported
+
+            encoded = store.encoded
+            fits = nibble_gemv_supported(encoded) is None
+            store.gemv = NibbleGemvWeight(encoded.to(self.compute_device)) if fits else None
+            store.gemv_source = encoded
+        return store.gemv
+
 
 class CompressedLinear(_Compressed):
     """y = x Wᵀ + b with W held compressed. `in_features`/`out_features` as nn.Linear's."""
@@ -77,20 +91,6 @@ class CompressedLinear(_Compressed):
             return None
         return self._fused_gemv()
 
-    def _fused_gemv(self):
-        """The nibble weight laid out for the fused GEMV, built once per weight; None when the
-        kernel cannot take it (odd shapes, exponents near the top of the range): such a weight
-        is decompressed through the cache instead."""
-        store = self.weight_store
-        if getattr(store, "gemv_source", None) is not store.encoded:
-            from codecllm.codecs.kernels.gemv import NibbleGemvWeight, nibble_gemv_supported
-
-            encoded = store.encoded
-            fits = nibble_gemv_supported(encoded) is None
-            store.gemv = NibbleGemvWeight(encoded.to(self.compute_device)) if fits else None
-            store.gemv_source = encoded
-        return store.gemv
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, codec={self.encoded.codec}")
@@ -110,6 +110,13 @@ class CompressedEmbedding(_Compressed):
         return cls(CompressedWeight(encoded, name), cache, embedding.padding_idx, compute_device=device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.cache.policy.kind == "fused" and self.encoded.codec == "nibble":
+            from codecllm.codecs.kernels_available import fused_gemv_possible
+
+            gather = self._fused_gemv() if fused_gemv_possible(self.compute_device) else None
+            if gather is not None:  # decode the looked-up rows only (padding_idx matters to training only)
+                self.cache.count_fused()
+                return gather.rows(ids)
         return F.embedding(ids, self.decompressed_weight(), self.padding_idx)
 
     def extra_repr(self) -> str:

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from codecllm.codecs.kernels.bf16 import bf16_round, silu_times, store_bf16
+
 MAX_BATCH = 8
 ESCAPE = 15
 
@@ -56,19 +58,19 @@ def _bf16_at(words, J: tl.constexpr):
     return ((words >> (16 * J)).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["base"])
-def _nibble_kernel(
-    x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, out,
-    N, words_per_row, base, stride_xw, stride_xb, stride_ob,
+@triton.jit
+def _nibble_rows(
+    x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, pid,
+    N, words_per_row, base, stride_xw, stride_xb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
 ):
+    """fp32 (B_PAD, BLOCK_N): rows pid * BLOCK_N... of one nibble matrix times x."""
     # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
     # divisibility (it specialises arguments divisible by 16), which is what lets it issue
     # 16-byte loads. EVEN: every tile is full (N % BLOCK_N == 0, K % BK == 0): no masks.
     # Batches of 2-8 use the same loop with a batch dimension: each weight is decoded once and
     # used in B FMAs (tensor cores would need the decoded tile reshuffled through shared memory).
     BW: tl.constexpr = BK // 4  # 32-bit words of sign+mantissa bytes per tile row
-    pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     batch = tl.arange(0, B_PAD)
@@ -115,17 +117,73 @@ def _nibble_kernel(
         # would round a tiny escaped weight away next to the loop's much larger value.
         acc -= tl.where(hit, loop_value * xv, 0.0)
         acc += tl.where(hit, true_value * xv, 0.0)
-    tl.store(out + batch[:, None] * stride_ob + rows[None, :], acc.to(out.dtype.element_ty),
-             mask=batch_ok[:, None] & row_ok[None, :])
+    return acc
 
 
 @triton.jit
-def _plain_kernel(
-    x, weight, out, N, K, stride_xb, stride_ob,
+def _emit(out, acc, up, pid, N, stride_ob, B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+          GATED: tl.constexpr):
+    """Store (B_PAD, BLOCK_N) results at rows pid * BLOCK_N...: acc in out's dtype, or when GATED
+    silu(acc) * up, each first rounded to bf16 as the two separate GEMVs' outputs would be."""
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    batch = tl.arange(0, B_PAD)
+    where = out + batch[:, None] * stride_ob + rows[None, :]
+    ok = (batch < B)[:, None] & (rows < N)[None, :]
+    if GATED:
+        store_bf16(where, silu_times(bf16_round(acc), bf16_round(up)), ok)
+    else:
+        tl.store(where, acc.to(out.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["base0", "base1", "base2"])
+def _nibble_kernel(
+    x, out,
+    sm0, codes0, erp0, ep0, ev0, base0, n0,
+    sm1, codes1, erp1, ep1, ev1, base1, n1,
+    sm2, codes2, erp2, ep2, ev2, base2, n2,
+    p1, p2, words_per_row, stride_xw, stride_xb, stride_ob,
+    B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
+    SEGMENTS: tl.constexpr, GATED: tl.constexpr,
+):
+    # Up to three matrices of the same input width in one launch (q/k/v): programs [0, p1) take
+    # matrix 0, [p1, p2) matrix 1, the rest matrix 2, each writing its own columns of `out`.
+    # GATED: programs take the same rows of matrices 0 and 1 (gate, up) and store silu(g) * u.
+    # Each branch inlines the row loop with its own pointers, so every load keeps the alignment
+    # Triton knows for its arguments.
+    pid = tl.program_id(0)
+    if GATED:
+        gate = _nibble_rows(x, sm0, codes0, erp0, ep0, ev0, pid, n0, words_per_row, base0, stride_xw, stride_xb,
+                            B, B_PAD, BLOCK_N, BK, EVEN)
+        up = _nibble_rows(x, sm1, codes1, erp1, ep1, ev1, pid, n0, words_per_row, base1, stride_xw, stride_xb,
+                          B, B_PAD, BLOCK_N, BK, EVEN)
+        _emit(out, gate, up, pid, n0, stride_ob, B, B_PAD, BLOCK_N, True)
+    else:
+        # The segment of this program; the branches below are pruned to SEGMENTS at compile time
+        # (p1, p2 = the grid size where a segment is absent).
+        seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
+        if seg == 0:
+            acc = _nibble_rows(x, sm0, codes0, erp0, ep0, ev0, pid, n0, words_per_row, base0, stride_xw,
+                               stride_xb, B, B_PAD, BLOCK_N, BK, EVEN)
+            _emit(out, acc, acc, pid, n0, stride_ob, B, B_PAD, BLOCK_N, False)
+        if SEGMENTS >= 2:
+            if seg == 1:
+                acc = _nibble_rows(x, sm1, codes1, erp1, ep1, ev1, pid - p1, n1, words_per_row, base1, stride_xw,
+                                   stride_xb, B, B_PAD, BLOCK_N, BK, EVEN)
+                _emit(out + n0, acc, acc, pid - p1, n1, stride_ob, B, B_PAD, BLOCK_N, False)
+        if SEGMENTS == 3:
+            if seg == 2:
+                acc = _nibble_rows(x, sm2, codes2, erp2, ep2, ev2, pid - p2, n2, words_per_row, base2, stride_xw,
+                                   stride_xb, B, B_PAD, BLOCK_N, BK, EVEN)
+                _emit(out + n0 + n1, acc, acc, pid - p2, n2, stride_ob, B, B_PAD, BLOCK_N, False)
+
+
+@triton.jit
+def _plain_rows(
+    x, weight, pid, N, K, stride_xb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """fp32 (B_PAD, BLOCK_N): rows pid * BLOCK_N... of a plain matrix times x."""
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     batch = tl.arange(0, B_PAD)
@@ -149,8 +207,34 @@ def _plain_kernel(
             acc2 += w.to(tl.float32) * xv[None, :]
     if not USE_DOT:
         acc = tl.sum(acc2, axis=1)[:, None]
-    tl.store(out + batch[None, :] * stride_ob + rows[:, None], acc.to(out.dtype.element_ty),
-             mask=row_ok[:, None] & batch_ok[None, :])
+    return tl.trans(acc)
+
+
+@triton.jit
+def _plain_kernel(
+    x, out, w0, n0, w1, n1, w2, n2, p1, p2, K, stride_xb, stride_ob,
+    B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr,
+):
+    # Segments and GATED as in _nibble_kernel.
+    pid = tl.program_id(0)
+    if GATED:
+        gate = _plain_rows(x, w0, pid, n0, K, stride_xb, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
+        up = _plain_rows(x, w1, pid, n0, K, stride_xb, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
+        _emit(out, gate, up, pid, n0, stride_ob, B, B_PAD, BLOCK_N, True)
+    else:
+        seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
+        if seg == 0:
+            acc = _plain_rows(x, w0, pid, n0, K, stride_xb, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
+            _emit(out, acc, acc, pid, n0, stride_ob, B, B_PAD, BLOCK_N, False)
+        if SEGMENTS >= 2:
+            if seg == 1:
+                acc = _plain_rows(x, w1, pid - p1, n1, K, stride_xb, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
+                _emit(out + n0, acc, acc, pid - p1, n1, stride_ob, B, B_PAD, BLOCK_N, False)
+        if SEGMENTS == 3:
+            if seg == 2:
+                acc = _plain_rows(x, w2, pid - p2, n2, K, stride_xb, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
+                _emit(out + n0 + n1, acc, acc, pid - p2, n2, stride_ob, B, B_PAD, BLOCK_N, False)
 
 
 def _config(n: int, k: int, batch: int, nibble: bool) -> tuple[int, int, int]:
@@ -164,21 +248,30 @@ def _config(n: int, k: int, batch: int, nibble: bool) -> tuple[int, int, int]:
     return (2, 2048, 8) if k >= 2048 else (1, 1024, 4)
 
 
-def _launch(kernel, x2d, n, k, out, tensors, scalars, config, nibble):
+def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
+    """segments: one argument tuple per matrix, ending with its row count N."""
     batch = x2d.shape[0]
-    block_n, bk, warps = config or _config(n, k, batch, nibble)
+    rows = [segment[-1] for segment in segments]
+    block_n, bk, warps = config or _config(sum(rows), k, batch, nibble)
     if nibble:
-        scalars = (*scalars, x2d.stride(0) // 4)  # base, x's row stride in 64-bit words
-        flags = {"B_PAD": triton.next_power_of_2(batch), "EVEN": n % block_n == 0 and k % bk == 0}
+        scalars = (k // 4, x2d.stride(0) // 4)  # words per row, x's row stride in 64-bit words
+        flags = {"B_PAD": triton.next_power_of_2(batch),
+                 "EVEN": all(n % block_n == 0 for n in rows) and k % bk == 0}
     else:
+        scalars = (k,)
         use_dot = batch > 1
         if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
             block_n, bk = max(block_n, 16), max(bk, 16)
         flags = {"B_PAD": 16 if use_dot else 1, "USE_DOT": use_dot,
                  "DOT_FP32": os.environ.get("TRITON_INTERPRET") == "1"}
-    kernel[(triton.cdiv(n, block_n),)](
-        x2d, *tensors, out, n, k // 4 if nibble else k, *scalars, x2d.stride(0), out.stride(0),
-        B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps, **flags,
+    programs = [triton.cdiv(n, block_n) for n in rows]
+    grid = programs[0] if gated else sum(programs)
+    # first program of segments 1 and 2 (the grid size where there is no such segment)
+    starts = [sum(programs[:i]) if i < len(programs) and not gated else grid for i in (1, 2)]
+    padded = list(segments) + [segments[0]] * (3 - len(segments))  # absent ones: never read
+    kernel[(grid,)](
+        x2d, out, *[arg for segment in padded for arg in segment], *starts, *scalars, x2d.stride(0), out.stride(0),
+        B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps, SEGMENTS=len(segments), GATED=gated, **flags,
     )
     return out
 
@@ -192,10 +285,35 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config=None) -> torch.Tensor:
     """x (..., K) with at most MAX_BATCH rows, weight (N, K) -> (..., N)."""
+    return gemv_group(x, [weight], config=config)
+
+
+def gemv_group(x: torch.Tensor, weights, gated: bool = False, config=None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Several GEMVs over one input in one launch. weights: 1-3 matrices of the same in_features,
+    all plain tensors or all NibbleGemvWeight. Returns x times each, side by side along the last
+    dimension ((..., N0 + N1 + N2)); with gated=True (two matrices of one shape, gate and up)
+    silu(x gate^T) * (x up^T) instead, rounded as the separate bf16 ops would round."""
+    nibble = isinstance(weights[0], NibbleGemvWeight)
+    shapes = [tuple(w.shape) for w in weights]
+    k = x.shape[-1]
+    if not 1 <= len(weights) <= 3 or any(s[1] != k for s in shapes) or any(
+            isinstance(w, NibbleGemvWeight) != nibble for w in weights):
+        raise ValueError(f"gemv_group takes 1-3 weights of one kind with {k} input features, got {shapes}")
+    if gated and (len(shapes) != 2 or shapes[0] != shapes[1] or x.dtype != torch.bfloat16):
+        raise ValueError(f"a gated GEMV takes bf16 inputs and two weights of one shape, got {x.dtype}, {shapes}")
+    if nibble and x.dtype != torch.bfloat16:  # the kernel reads x as 64-bit words of four bf16
+        raise ValueError(f"the fused nibble GEMV takes bf16 inputs, got {x.dtype}")
     x2d = _rows(x)
-    n, k = weight.shape
-    out = torch.empty(x2d.shape[0], n, dtype=x.dtype, device=x.device)
-    _launch(_plain_kernel, x2d, n, k, out, (weight.contiguous(),), (), config, nibble=False)
+    n = shapes[0][0] if gated else sum(s[0] for s in shapes)
+    out = torch.empty(x2d.shape[0], n, dtype=out_dtype or x.dtype, device=x.device)
+    if nibble:
+        segments = [(w.sign_mantissa, w.codes, w.row_ptr, w.escape_pairs, w.escape_values, w.base, w.shape[0])
+                    for w in weights]
+        _launch(_nibble_kernel, x2d, segments, k, out, config, True, gated)
+    else:
+        segments = [(w.contiguous(), w.shape[0]) for w in weights]
+        _launch(_plain_kernel, x2d, segments, k, out, config, False, gated)
     return out.view(*x.shape[:-1], n)
 
 
@@ -247,11 +365,36 @@ class NibbleGemvWeight:
 
     def __call__(self, x: torch.Tensor, config=None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x (..., K) bf16 -> (..., N) in x's dtype (or `out_dtype`: fp32 skips the final rounding)."""
-        if x.dtype != torch.bfloat16:  # the kernel reads x as 64-bit words of four bf16
-            raise ValueError(f"the fused nibble GEMV takes bf16 inputs, got {x.dtype}")
-        x2d = _rows(x)
+        return gemv_group(x, [self], config=config, out_dtype=out_dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The bf16 rows `ids` (any shape) of the weight, decoded alone: an embedding lookup
+        that reads 1.5 bytes per element of the rows it needs instead of decoding the table."""
         n, k = self.shape
-        out = torch.empty(x2d.shape[0], n, dtype=out_dtype or x.dtype, device=x.device)
-        tensors = (self.sign_mantissa, self.codes, self.row_ptr, self.escape_pairs, self.escape_values)
-        _launch(_nibble_kernel, x2d, n, k, out, tensors, (self.base,), config, nibble=True)
-        return out.view(*x.shape[:-1], n)
+        flat = ids.reshape(-1)
+        out = torch.empty(flat.numel(), k, dtype=torch.int16, device=self.codes.device)
+        block = min(2048, triton.next_power_of_2(k))
+        if flat.numel():
+            _nibble_rows_kernel[(flat.numel(), triton.cdiv(k, block))](
+                flat, self.sign_mantissa, self.codes, self.row_ptr, self.escape_pairs, self.escape_values, out, k,
+                self.base, BLOCK=block, num_warps=4)
+        return out.view(torch.bfloat16).view(*ids.shape, k)
+
+
+@triton.jit(do_not_specialize=["base"])
+def _nibble_rows_kernel(ids, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, out, K, base,
+                        BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < K
+    row = tl.load(ids + r).to(tl.int64)
+    at = row * K + cols
+    rest = tl.load(sign_mantissa + at, mask=ok, other=0).to(tl.int32)
+    code = (tl.load(codes + (at >> 1), mask=ok, other=0).to(tl.int32) >> ((at & 1) * 4).to(tl.int32)) & 15
+    bits = ((rest & 0x80) << 8) | ((code + base) << 7) | (rest & 0x7F)
+    # this row's escapes: the true fp32 value's top half is the bf16
+    true_bits = escape_values.to(tl.pointer_type(tl.uint32))
+    for e in range(tl.load(escape_row_ptr + row), tl.load(escape_row_ptr + row + 1)):
+        bits = tl.where(cols == tl.load(escape_pairs + 2 * e + 1), (tl.load(true_bits + 2 * e) >> 16).to(tl.int32),
+                        bits)
+    tl.store(out + r.to(tl.int64) * K + cols, bits.to(tl.int16), mask=ok)
