@@ -1,5 +1,7 @@
 """GEMV microbenchmark: cuBLAS bf16 (F.linear), our Triton bf16 GEMV, and the fused nibble GEMV,
-per matrix shape of the tinyllama-1.1b and llama-3.1-8b decode steps, batch 1-8.
+per matrix shape of the tinyllama-1.1b and llama-3.1-8b decode steps, batch 1-8; then, at batch
+1, the launches the decode step really makes: q/k/v in one launch and gate/up with SiLU in one
+(cuBLAS: the separate F.linear calls, and F.silu(gate) * up).
 
     python benchmarks/gemv.py [--batches 1,2,4,8] [--sweep]
 
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, graph_time_ms, write_result
 
 import codecllm
-from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv
+from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv, gemv_group
 from codecllm.report import format_table
 
 SHAPES = {  # (out_features N, in_features K): the distinct linears of one block, and lm_head
@@ -82,6 +84,47 @@ def bench_shape(n: int, k: int, batch: int, configs=None, kernels=("nibble", "tr
             "triton_vs_cublas": times["cublas"] / times["triton_bf16"]}
 
 
+def groups(model: str) -> dict[str, list[tuple[int, int]]]:
+    config = codecllm.models.ModelConfig.from_name(model)
+    h, q, kv, f = (config.hidden_size, config.num_attention_heads * config.head_dim,
+                   config.num_key_value_heads * config.head_dim, config.intermediate_size)
+    return {"q/k/v": [(q, h), (kv, h), (kv, h)], "gate/up + SiLU": [(f, h), (f, h)]}
+
+
+def bench_group(name: str, shapes: list[tuple[int, int]]) -> dict:
+    """One grouped launch (gated for gate/up) against cuBLAS's separate launches, batch 1."""
+    gated = "SiLU" in name
+    k = shapes[0][1]
+    group_bytes = sum(n * k * 2 for n, _ in shapes)
+    copies = max(COPIES, -(-L2_FLUSH_BYTES // group_bytes))
+    g = torch.Generator(device="cuda").manual_seed(k)
+    weights = [[(torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16() for n, _ in shapes]
+               for _ in range(copies)]
+    fused = [[NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in ws] for ws in weights]
+    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    state = {"i": 0}
+
+    def rotate(fn):
+        def run():
+            state["i"] = (state["i"] + 1) % copies
+            fn(state["i"])
+        return run
+
+    def cublas(i):
+        outs = [F.linear(x, w) for w in weights[i]]
+        return F.silu(outs[0]) * outs[1] if gated else outs
+
+    times = {"cublas": graph_time_ms(rotate(cublas), calls=copies),
+             "triton_bf16": graph_time_ms(rotate(lambda i: gemv_group(x, weights[i], gated=gated)), calls=copies),
+             "nibble": graph_time_ms(rotate(lambda i: gemv_group(x, fused[i], gated=gated)), calls=copies)}
+    nibble_bytes = sum(w.sign_mantissa.numel() * 1.5 + w.escapes * 24 for w in fused[0])
+    return {"group": name, "shapes": shapes, "batch": 1, "ms": times,
+            "gbps": {"cublas": group_bytes / times["cublas"] / 1e6,
+                     "triton_bf16": group_bytes / times["triton_bf16"] / 1e6,
+                     "nibble": nibble_bytes / times["nibble"] / 1e6},
+            "nibble_vs_best_bf16": min(times["cublas"], times["triton_bf16"]) / times["nibble"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,2,4,8")
@@ -114,9 +157,22 @@ def main() -> None:
           f"{r['ms']['triton_bf16'] * 1e3:.1f} us", f"{r['ms']['nibble'] * 1e3:.1f} us",
           f"{r['nibble_vs_best_bf16']:.2f}x", f"{r['gbps']['nibble']:.0f}", f"{r['errors']['cublas']:.1e}",
           f"{r['errors']['nibble']:.1e}"] for r in rows]))
+    grouped = []
+    for model in SHAPES:
+        for name, shapes in groups(model).items():
+            r = bench_group(name, shapes)
+            r["model"] = model
+            grouped.append(r)
+    print()
+    print(format_table(
+        ["model", "launch", "matrices", "cuBLAS bf16", "Triton bf16", "nibble fused", "nibble vs best bf16",
+         "nibble GB/s"],
+        [[r["model"], r["group"], " + ".join(f"{n}x{k}" for n, k in r["shapes"]), f"{r['ms']['cublas'] * 1e3:.1f} us",
+          f"{r['ms']['triton_bf16'] * 1e3:.1f} us", f"{r['ms']['nibble'] * 1e3:.1f} us",
+          f"{r['nibble_vs_best_bf16']:.2f}x", f"{r['gbps']['nibble']:.0f}"] for r in grouped]))
     env = environment()
     print(f"\n{env['gpu']}; torch {env['torch']}; triton {env['triton']}; {env['date']}")
-    print(f"wrote {write_result('gemv', {'rows': rows, 'environment': env})}")
+    print(f"wrote {write_result('gemv', {'rows': rows, 'grouped': grouped, 'environment': env})}")
 
 
 if __name__ == "__main__":

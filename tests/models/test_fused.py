@@ -76,3 +76,25 @@ def test_rope_kv_write_is_rope_plus_the_cache_update():
     ref.update(0, apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2))
     assert torch.equal(bits(q_rot), bits(apply_rope(q.transpose(1, 2), cos, sin)))
     assert torch.equal(bits(ours.k), bits(ref.k)) and torch.equal(bits(ours.v), bits(ref.v))
+
+
+@pytest.mark.parametrize("hkv, group, d", [(2, 4, 64), (1, 3, 16)])
+def test_decode_attention_matches_sdpa_over_the_filled_slots(hkv, group, d):
+    """Our decode-step attention reads positions 0..slot only; SDPA reads the whole static cache
+    under the mask. Left padding (masked first positions) and grouped query heads included."""
+    from codecllm.models import fused_kernels as fused
+
+    b, length, slot = 2, 160, 130  # slot past two 64-position blocks: three blocks, the last partial
+    q = bf16(b, hkv * group, 1, d, seed=1)
+    k, v = bf16(b, hkv, length, d, seed=2), bf16(b, hkv, length, d, seed=3)
+    k[:, :, slot + 1:] = float("nan")  # never written: must not be read
+    visible = (torch.arange(length) <= slot)[None, None, None, :].repeat(b, 1, 1, 1)
+    visible[1, ..., :70] = False  # sequence 1 is left-padded past the whole first block
+    mask = torch.zeros(b, 1, 1, length, dtype=torch.bfloat16).masked_fill_(~visible, float("-inf"))
+    assert fused.decode_attention_fits(q, k, mask)
+    got = fused.decode_attention(q, k, v, mask, torch.tensor([slot]))
+    ref = F.scaled_dot_product_attention(q.float(), k[:, :, :slot + 1].float().repeat_interleave(group, 1),
+                                         v[:, :, :slot + 1].float().repeat_interleave(group, 1),
+                                         attn_mask=mask[..., :slot + 1].float())
+    assert got.shape == q.shape and torch.isfinite(got.float()).all()
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 1e-2

@@ -157,3 +157,76 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
     return out
+
+
+@triton.jit
+def _decode_attention_kernel(q, k, v, mask, slot, out, L, mask_stride_b, scale, HKV: tl.constexpr,
+                             GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                             DOT_FP32: tl.constexpr):
+    # One program per (sequence, KV head): its GROUP query heads against cache positions
+    # 0..slot only, in BLOCK-position steps with an online softmax. A fixed order and no atomics:
+    # the same inputs give the same bits on every run.
+    pid = tl.program_id(0)
+    b = pid // HKV
+    heads = tl.arange(0, G_PAD)
+    dims = tl.arange(0, D)
+    q_rows = pid * GROUP + heads  # q is (B, HKV * GROUP, 1, D)
+    head_ok = heads < GROUP
+    qt = tl.load(q + q_rows[:, None] * D + dims[None, :], mask=head_ok[:, None], other=0.0)
+    if DOT_FP32:
+        qt = qt.to(tl.float32)
+    n = tl.load(slot).to(tl.int32) + 1
+    cache = pid.to(tl.int64) * L * D
+    m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, D), tl.float32)
+    for start in range(0, n, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        ok = pos < n
+        kt = tl.load(k + cache + pos[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
+        vt = tl.load(v + cache + pos[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
+        if DOT_FP32:
+            scores = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(qt, tl.trans(kt))  # bf16 products are exact in the fp32 sum
+        bias = tl.load(mask + b.to(tl.int64) * mask_stride_b + pos, mask=ok, other=float("-inf")).to(tl.float32)
+        scores = scores * scale + bias[None, :]
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet (left padding)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    _store_bf16(out + q_rows[:, None] * D + dims[None, :], acc / l_i[:, None], head_ok[:, None])
+
+
+def decode_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `decode_attention` takes these: one bf16 query token, a power-of-two head size of
+    at least 16, and an additive bf16 mask (B, 1, 1, L) as the CUDA-graph decode step builds."""
+    d = q.shape[-1]
+    return (q.shape[2] == 1 and q.dtype == torch.bfloat16 and d >= 16 and d & (d - 1) == 0 and mask is not None
+            and mask.dtype == q.dtype and mask.shape[1:3] == (1, 1) and mask.shape[-1] == k_cache.shape[2]
+            and mask.stride(-1) == 1 and q.shape[1] % k_cache.shape[1] == 0)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                     slot: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v over cache positions 0..slot[0] only (a decode step's
+    attention without reading the empty tail of a static cache). q (B, H, 1, D) contiguous;
+    k_cache, v_cache (B, Hkv, L, D) contiguous, H a multiple of Hkv (grouped heads); mask
+    additive (B, 1, 1, L). Returns (B, H, 1, D)."""
+    import os
+
+    b, h, _, d = q.shape
+    hkv, length = k_cache.shape[1], k_cache.shape[2]
+    group = h // hkv
+    out = torch.empty_like(q)
+    _decode_attention_kernel[(b * hkv,)](
+        q.contiguous(), k_cache, v_cache, mask, slot, out, length, mask.stride(0), 1.0 / d**0.5, HKV=hkv,
+        GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK=64,
+        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
+    return out

@@ -48,11 +48,14 @@ class LlamaAttention(nn.Module):
         elif t == 1 and type(kv_cache) is KVCache and kv_cache.slot is not None and fused.enabled(q) \
                 and cos.dtype == q.dtype:
             # a CUDA-graph decode step: RoPE of q and k and the cache write in one kernel
-            from codecllm.models.fused_kernels import rope_kv_write
+            from codecllm.models.fused_kernels import decode_attention, decode_attention_fits, rope_kv_write
 
             k_all, v_all = kv_cache.k[self.layer], kv_cache.v[self.layer]
             q = rope_kv_write(q, k, v, cos, sin, k_all, v_all, kv_cache.slot)
-            y = attention(q, k_all, v_all, mask)
+            if decode_attention_fits(q, k_all, mask):  # reads only the filled slots, deterministic
+                y = decode_attention(q, k_all, v_all, mask, kv_cache.slot)
+            else:
+                y = attention(q, k_all, v_all, mask)
             return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
