@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import codecllm  # noqa: E402
 from codecllm.codecs import CODECS, gpu_available  # noqa: E402
 from codecllm.report import format_table  # noqa: E402
-from common import cpu_time_s, environment, gpu_time_ms, write_result  # noqa: E402
+from common import cpu_time_s, environment, gpu_time_ms, rotating, write_result  # noqa: E402
 
 COPIES = 4
 
@@ -43,13 +43,8 @@ def ours(weights: torch.Tensor, skip_cpu_decode: bool) -> list[dict]:
         if gpu_available() and CODECS[name].has_gpu_decoder:
             copies = [encoded.to("cuda") for _ in range(COPIES)]
             assert bits_equal(codecllm.decode(copies[0]), weights), f"{name}: GPU decode not bit-identical"
-            state = {"i": 0}
-
-            def run(copies=copies, state=state):
-                state["i"] = (state["i"] + 1) % COPIES
-                codecllm.decode(copies[state["i"]], verify=False)
-
-            ms = gpu_time_ms(run)
+            pick = rotating(copies)
+            ms = gpu_time_ms(lambda pick=pick: codecllm.decode(pick(), verify=False))
             row["gpu_decode_gbps"] = encoded.original_nbytes / (ms / 1e3) / 1e9
             row["bit_identical"] = True
         rows.append(row)
@@ -94,19 +89,19 @@ def dfloat11(weights: torch.Tensor) -> dict:
     for _ in range(COPIES):
         copies.append([t.cuda() for t in (luts, encoded, other, positions.view(torch.uint8), gaps)]
                       + [torch.empty(flat.numel(), dtype=torch.bfloat16, device="cuda")])
-    state = {"i": 0}
+    pick = rotating(copies)
 
     def run():
-        state["i"] = (state["i"] + 1) % COPIES
-        lut, enc, oth, pos, gap, out = copies[state["i"]]
+        lut, enc, oth, pos, gap, out = pick()
         df._decode(grid=blocks, block=(threads,), shared_mem=shared,
                    args=[lut.data_ptr(), enc.data_ptr(), oth.data_ptr(), pos.data_ptr(), gap.data_ptr(),
                          out.data_ptr(), lut.shape[0], enc.numel(), flat.numel()],
                    stream=cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream))
+        return out
 
-    run()
+    out = run()
     torch.cuda.synchronize()
-    row["bit_identical"] = bits_equal(copies[state["i"]][-1], flat)
+    row["bit_identical"] = bits_equal(out, flat)
     ms = gpu_time_ms(run)
     row["gpu_decode_gbps"] = flat.numel() * 2 / (ms / 1e3) / 1e9
     return row

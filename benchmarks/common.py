@@ -32,6 +32,18 @@ def gpu_time_ms(fn: Callable[[], Any], warmup: int = 3, repeat: int = 20) -> flo
     return statistics.median(times)
 
 
+def rotating(items):
+    """A function that returns the next of `items` at each call, cycling: timing code calls it to
+    touch a different copy of the data each time, so the 50 MB L2 never holds what is timed."""
+    state = {"i": 0}
+
+    def next_item():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+
+    return next_item
+
+
 def graph_time_ms(fn: Callable[[], Any], calls: int = 20, repeat: int = 20) -> float:
     """Median milliseconds per call of `fn`, replayed from a CUDA graph of `calls` calls, so host
     launch overhead is out of the figure (what a graph-captured decode step sees)."""

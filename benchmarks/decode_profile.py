@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import gpu_time_ms, write_result  # noqa: E402
+from common import gpu_time_ms, rotating, write_result  # noqa: E402
 
 import codecllm  # noqa: E402
 from codecllm.codecs.huffman import HuffmanCodec  # noqa: E402
@@ -25,16 +25,6 @@ from codecllm.codecs.kernels.nibble_decode import nibble_decode  # noqa: E402
 from codecllm.codecs.nibble import NibbleCodec  # noqa: E402
 from codecllm.models import ModelConfig  # noqa: E402
 from codecllm.report import format_table  # noqa: E402
-
-
-def rotating(items):
-    state = {"i": 0}
-
-    def next_item():
-        state["i"] = (state["i"] + 1) % len(items)
-        return items[state["i"]]
-
-    return next_item
 
 
 def copies_of(encoded, nbytes):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, graph_time_ms, write_result
+from common import environment, graph_time_ms, rotating, write_result
 
 import codecllm
 from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv, gemv_group
@@ -52,18 +52,11 @@ def bench_shape(n: int, k: int, batch: int, configs=None, kernels=("nibble", "tr
     ref = x.double() @ weights[0].double().T
     errors = {"cublas": rel_error(F.linear(x, weights[0]), ref), "triton_bf16": rel_error(gemv(x, weights[0]), ref),
               "nibble": rel_error(fused[0](x), ref)}
-    state = {"i": 0}
-
-    def rotate(fn):
-        def run():
-            state["i"] = (state["i"] + 1) % copies
-            fn(state["i"])
-        return run
-
+    pick = rotating(range(copies))  # each call reads another copy: L2 never holds the weights
     times = {
-        "cublas": graph_time_ms(rotate(lambda i: F.linear(x, weights[i])), calls=copies),
-        "triton_bf16": graph_time_ms(rotate(lambda i: gemv(x, weights[i])), calls=copies),
-        "nibble": graph_time_ms(rotate(lambda i: fused[i](x)), calls=copies),
+        "cublas": graph_time_ms(lambda: F.linear(x, weights[pick()]), calls=copies),
+        "triton_bf16": graph_time_ms(lambda: gemv(x, weights[pick()]), calls=copies),
+        "nibble": graph_time_ms(lambda: fused[pick()](x), calls=copies),
     }
     sweep = {}
     for config in configs or []:
@@ -72,7 +65,7 @@ def bench_shape(n: int, k: int, batch: int, configs=None, kernels=("nibble", "tr
         for name in kernels:
             fn = variants[name]
             try:
-                sweep[f"{name} {config}"] = graph_time_ms(rotate(fn), calls=copies, repeat=10)
+                sweep[f"{name} {config}"] = graph_time_ms(lambda fn=fn: fn(pick()), calls=copies, repeat=10)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported
                 sweep[f"{name} {config}"] = f"failed: {type(exc).__name__}"
     nibble_bytes = fused[0].sign_mantissa.numel() * 1.5 + fused[0].escapes * 24
@@ -102,21 +95,15 @@ def bench_group(name: str, shapes: list[tuple[int, int]]) -> dict:
                for _ in range(copies)]
     fused = [[NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in ws] for ws in weights]
     x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
-    state = {"i": 0}
+    pick = rotating(range(copies))
 
-    def rotate(fn):
-        def run():
-            state["i"] = (state["i"] + 1) % copies
-            fn(state["i"])
-        return run
-
-    def cublas(i):
-        outs = [F.linear(x, w) for w in weights[i]]
+    def cublas():
+        outs = [F.linear(x, w) for w in weights[pick()]]
         return F.silu(outs[0]) * outs[1] if gated else outs
 
-    times = {"cublas": graph_time_ms(rotate(cublas), calls=copies),
-             "triton_bf16": graph_time_ms(rotate(lambda i: gemv_group(x, weights[i], gated=gated)), calls=copies),
-             "nibble": graph_time_ms(rotate(lambda i: gemv_group(x, fused[i], gated=gated)), calls=copies)}
+    times = {"cublas": graph_time_ms(cublas, calls=copies),
+             "triton_bf16": graph_time_ms(lambda: gemv_group(x, weights[pick()], gated=gated), calls=copies),
+             "nibble": graph_time_ms(lambda: gemv_group(x, fused[pick()], gated=gated), calls=copies)}
     nibble_bytes = sum(w.sign_mantissa.numel() * 1.5 + w.escapes * 24 for w in fused[0])
     return {"group": name, "shapes": shapes, "batch": 1, "ms": times,
             "gbps": {"cublas": group_bytes / times["cublas"] / 1e6,

@@ -9,9 +9,15 @@ import torch
 from codecllm.codecs import triton_available
 
 
+def interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (which gets bf16 arithmetic wrong, so
+    kernels widen to fp32 first there)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def fused_gemv_possible(device: torch.device) -> bool:
     if not triton_available():
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and interpreting()

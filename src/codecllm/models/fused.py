@@ -16,6 +16,10 @@ import torch
 from codecllm.codecs import triton_available
 
 
+def switched_on() -> bool:
+    """False when CODECLLM_FUSED=0 asks for the PyTorch ops."""
+    return os.environ.get("CODECLLM_FUSED", "1") != "0"
+
+
 def enabled(x: torch.Tensor) -> bool:
-    return (x.is_cuda and x.dtype == torch.bfloat16 and os.environ.get("CODECLLM_FUSED", "1") != "0"
-            and triton_available())
+    return x.is_cuda and x.dtype == torch.bfloat16 and switched_on() and triton_available()

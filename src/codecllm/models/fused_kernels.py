@@ -18,6 +18,7 @@ from codecllm.codecs.kernels.bf16 import bf16_round as _bf16_round
 from codecllm.codecs.kernels.bf16 import load_bf16 as _load_bf16
 from codecllm.codecs.kernels.bf16 import silu_times
 from codecllm.codecs.kernels.bf16 import store_bf16 as _store_bf16
+from codecllm.codecs.kernels_available import interpreting
 
 
 @triton.jit
@@ -219,8 +220,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     attention without reading the empty tail of a static cache). q (B, H, 1, D) contiguous;
     k_cache, v_cache (B, Hkv, L, D) contiguous, H a multiple of Hkv (grouped heads); mask
     additive (B, 1, 1, L). Returns (B, H, 1, D)."""
-    import os
-
     b, h, _, d = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
     group = h // hkv
@@ -228,5 +227,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_attention_kernel[(b * hkv,)](
         q.contiguous(), k_cache, v_cache, mask, slot, out, length, mask.stride(0), 1.0 / d**0.5, HKV=hkv,
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK=64,
-        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
+        DOT_FP32=interpreting(), num_warps=4)
     return out

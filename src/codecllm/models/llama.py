@@ -45,8 +45,8 @@ class LlamaAttention(nn.Module):
         v = v.view(b, t, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        elif t == 1 and type(kv_cache) is KVCache and kv_cache.slot is not None and fused.enabled(q) \
-                and cos.dtype == q.dtype:
+        if self.q_norm is None and t == 1 and type(kv_cache) is KVCache and kv_cache.slot is not None \
+                and fused.enabled(q) and cos.dtype == q.dtype:
             # a CUDA-graph decode step: RoPE of q and k and the cache write in one kernel
             from codecllm.models.fused_kernels import decode_attention, decode_attention_fits, rope_kv_write
 
@@ -56,14 +56,14 @@ class LlamaAttention(nn.Module):
                 y = decode_attention(q, k_all, v_all, mask, kv_cache.slot)
             else:
                 y = attention(q, k_all, v_all, mask)
-            return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)
-            if getattr(kv_cache, "wants_scores", False):  # score-based eviction (h2o)
-                kv_cache.observe(self.layer, q, k)
-        y = attention(q, k, v, mask)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer, k, v)
+                if getattr(kv_cache, "wants_scores", False):  # score-based eviction (h2o)
+                    kv_cache.observe(self.layer, q, k)
+            y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from codecllm.codecs.kernels_available import fused_gemv_possible
+from codecllm.models import fused
 
 _in_graph_step = contextvars.ContextVar("codecllm_graph_step", default=False)
 
@@ -32,9 +32,14 @@ def graph_step():
         _in_graph_step.reset(token)
 
 
+def _triton_gemv_applies(x: torch.Tensor) -> bool:
+    """Whether an uncompressed linear takes our Triton GEMV for x: one row, in a graph step."""
+    return _in_graph_step.get() and x.numel() == x.shape[-1] and fused_gemv_possible(x.device)
+
+
 class GemvLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _in_graph_step.get() and x.numel() == x.shape[-1] and fused_gemv_possible(x.device):
+        if _triton_gemv_applies(x):
             from codecllm.codecs.kernels.gemv import gemv
 
             y = gemv(x, self.weight)
@@ -64,15 +69,13 @@ def fused_projections(x: torch.Tensor, linears, gated: bool = False) -> torch.Te
     first = linears[0]
     if any(type(linear) is not type(first) or linear.bias is not None for linear in linears):
         return None
-    if gated and (x.dtype != torch.bfloat16 or os.environ.get("CODECLLM_FUSED", "1") == "0"):
+    if gated and (x.dtype != torch.bfloat16 or not fused.switched_on()):
         return None
     if type(first) is GemvLinear:
-        if not (_in_graph_step.get() and x.numel() == x.shape[-1] and fused_gemv_possible(x.device)):
+        if not _triton_gemv_applies(x):
             return None
         weights = [linear.weight for linear in linears]
     elif type(first) is CompressedLinear:
-        if first.cache.policy.kind != "fused" or any(linear.override is not None for linear in linears):
-            return None
         weights = [linear._fused_gemv_for(x) for linear in linears]
         if any(w is None for w in weights):
             return None

@@ -38,10 +38,19 @@ class _Compressed(nn.Module):
     def compressed_nbytes(self) -> int:
         return self.weight_store.compressed_nbytes
 
+    def _fused_weight(self):
+        """Under the `fused` policy, the nibble weight as the fused kernels take it (GEMV, row
+        lookup); None where they do not run: another policy or codec, no Triton for the device,
+        or a weight the kernel cannot take (decompressed through the cache instead)."""
+        from codecllm.codecs.kernels_available import fused_gemv_possible
+
+        if self.cache.policy.kind != "fused" or self.encoded.codec != "nibble":
+            return None
+        return self._fused_gemv() if fused_gemv_possible(self.compute_device) else None
+
     def _fused_gemv(self):
         """The nibble weight laid out for the fused GEMV, built once per weight; None when the
-        kernel cannot take it (odd shapes, exponents near the top of the range): such a weight
-        is decompressed through the cache instead."""
+        kernel cannot take it (odd shapes, exponents near the top of the range)."""
         store = self.weight_store
         if getattr(store, "gemv_source", None) is not store.encoded:
             from codecllm.codecs.kernels.gemv import NibbleGemvWeight, nibble_gemv_supported
@@ -75,7 +84,7 @@ class CompressedLinear(_Compressed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.override is not None:
             return F.linear(x, self.override, self.bias)
-        fused = self._fused_gemv_for(x) if self.cache.policy.kind == "fused" else None
+        fused = self._fused_gemv_for(x)
         if fused is not None:
             self.cache.count_fused()
             y = fused(x)
@@ -83,13 +92,11 @@ class CompressedLinear(_Compressed):
         return F.linear(x, self.decompressed_weight(), self.bias)
 
     def _fused_gemv_for(self, x: torch.Tensor):
-        """The fused GEMV for this input, or None where it does not apply."""
-        from codecllm.codecs.kernels_available import fused_gemv_possible
-
-        rows = x.numel() // x.shape[-1]
-        if self.encoded.codec != "nibble" or rows > 8 or x.dtype != torch.bfloat16 or not fused_gemv_possible(x.device):
+        """The fused GEMV for this input (bf16, at most 8 rows, no override), or None where it
+        does not apply."""
+        if self.override is not None or x.numel() // x.shape[-1] > 8 or x.dtype != torch.bfloat16:
             return None
-        return self._fused_gemv()
+        return self._fused_weight()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -110,13 +117,10 @@ class CompressedEmbedding(_Compressed):
         return cls(CompressedWeight(encoded, name), cache, embedding.padding_idx, compute_device=device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.cache.policy.kind == "fused" and self.encoded.codec == "nibble":
-            from codecllm.codecs.kernels_available import fused_gemv_possible
-
-            gather = self._fused_gemv() if fused_gemv_possible(self.compute_device) else None
-            if gather is not None:  # decode the looked-up rows only (padding_idx matters to training only)
-                self.cache.count_fused()
-                return gather.rows(ids)
+        gather = self._fused_weight()
+        if gather is not None:  # decode the looked-up rows only (padding_idx matters to training only)
+            self.cache.count_fused()
+            return gather.rows(ids)
         return F.embedding(ids, self.decompressed_weight(), self.padding_idx)
 
     def extra_repr(self) -> str:

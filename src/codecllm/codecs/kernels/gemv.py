@@ -23,13 +23,13 @@ interpreter gets right.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from codecllm.codecs.kernels.bf16 import bf16_round, silu_times, store_bf16
+from codecllm.codecs.kernels.nibble_decode import nibble_bf16_bits
+from codecllm.codecs.kernels_available import interpreting
 
 MAX_BATCH = 8
 ESCAPE = 15
@@ -263,7 +263,7 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
             block_n, bk = max(block_n, 16), max(bk, 16)
         flags = {"B_PAD": 16 if use_dot else 1, "USE_DOT": use_dot,
-                 "DOT_FP32": os.environ.get("TRITON_INTERPRET") == "1"}
+                 "DOT_FP32": interpreting()}
     programs = [triton.cdiv(n, block_n) for n in rows]
     grid = programs[0] if gated else sum(programs)
     # first program of segments 1 and 2 (the grid size where there is no such segment)
@@ -391,7 +391,7 @@ def _nibble_rows_kernel(ids, sign_mantissa, codes, escape_row_ptr, escape_pairs,
     at = row * K + cols
     rest = tl.load(sign_mantissa + at, mask=ok, other=0).to(tl.int32)
     code = (tl.load(codes + (at >> 1), mask=ok, other=0).to(tl.int32) >> ((at & 1) * 4).to(tl.int32)) & 15
-    bits = ((rest & 0x80) << 8) | ((code + base) << 7) | (rest & 0x7F)
+    bits = nibble_bf16_bits(rest, code + base)
     # this row's escapes: the true fp32 value's top half is the bf16
     true_bits = escape_values.to(tl.pointer_type(tl.uint32))
     for e in range(tl.load(escape_row_ptr + row), tl.load(escape_row_ptr + row + 1)):

@@ -8,13 +8,19 @@ import triton.language as tl
 
 
 @triton.jit
+def nibble_bf16_bits(rest, exponent):
+    """The bf16 bits (int32) of a sign+mantissa byte and an exponent field."""
+    return ((rest & 0x80) << 8) | (exponent << 7) | (rest & 0x7F)
+
+
+@triton.jit
 def _nibble_decode_kernel(sign_mantissa, codes, out, numel, base, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     rest = tl.load(sign_mantissa + offsets, mask=mask, other=0).to(tl.int32)
     packed = tl.load(codes + (offsets >> 1), mask=mask, other=0).to(tl.int32)
     code = (packed >> ((offsets & 1) * 4).to(tl.int32)) & 15
-    bits = ((rest & 0x80) << 8) | ((code + base) << 7) | (rest & 0x7F)
+    bits = nibble_bf16_bits(rest, code + base)
     tl.store(out + offsets, bits.to(tl.int16), mask=mask)
 
 
@@ -25,7 +31,7 @@ def _patch_escapes_kernel(sign_mantissa, escape_index, escape_exponent, out, cou
     index = tl.load(escape_index + i, mask=mask, other=0).to(tl.int64)
     rest = tl.load(sign_mantissa + index, mask=mask, other=0).to(tl.int32)
     exponent = tl.load(escape_exponent + i, mask=mask, other=0).to(tl.int32)
-    bits = ((rest & 0x80) << 8) | (exponent << 7) | (rest & 0x7F)
+    bits = nibble_bf16_bits(rest, exponent)
     tl.store(out + index, bits.to(tl.int16), mask=mask)
 
 
