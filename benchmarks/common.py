@@ -16,8 +16,13 @@ from codecllm.report import environment
 RESULTS = Path(__file__).parent / "results"
 
 
-def gpu_time_ms(fn: Callable[[], Any], warmup: int = 3, repeat: int = 20) -> float:
-    """Median milliseconds of `fn` on the GPU, timed with CUDA events after warm-up."""
+def gpu_time_ms(fn: Callable[[], Any], warmup: int = 3, repeat: int = 20, calls: int = 1) -> float:
+    """Median milliseconds per call of `fn` on the GPU, timed with CUDA events after warm-up.
+
+    With calls=1 the events bracket one call, so the time includes any launch latency the host
+    adds while the GPU waits. With calls > 1 they bracket that many calls enqueued back to back:
+    the host's launch work overlaps the GPU's, and the figure is device time per call (as long
+    as the GPU is the slower side)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -25,10 +30,11 @@ def gpu_time_ms(fn: Callable[[], Any], warmup: int = 3, repeat: int = 20) -> flo
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
 
 

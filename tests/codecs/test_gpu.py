@@ -21,6 +21,17 @@ def test_gpu_decode_bit_identical(dtype):
             assert_bit_identical(out, t)
 
 
+@pytest.mark.parametrize("lanes", [128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_huffman_gpu_decode_with_either_program_size(dtype, lanes, monkeypatch):
+    """Large tensors decode with 256 lanes a program, smaller ones 128: both bit-identical."""
+    from codecllm.codecs.kernels import huffman_decode
+
+    monkeypatch.setattr(huffman_decode, "lanes_per_program", lambda *_: lanes)
+    for t in (gaussian_weights(1_000_003, dtype), random_bits(300_007, dtype)):
+        assert_bit_identical(codecllm.decode(codecllm.encode(t, "huffman").to("cuda")), t)
+
+
 def test_gpu_decode_detects_bad_offsets():
     import dataclasses
 
