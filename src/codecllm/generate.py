@@ -214,6 +214,8 @@ class DecodeGraph:
             weight_cache.before_capture()
         with torch.cuda.graph(self.graph):
             self._step()
+            if weight_cache is not None:
+                weight_cache.end_capture()
         if weight_cache is not None:  # count replays only: one captured pass's work per replay
             self.per_pass = {k: v - before[k] for k, v in weight_cache.counters().items()}
             for name, value in counters.items():

@@ -56,7 +56,7 @@ def test_streamed_weights_give_the_on_gpu_tokens_repeatably(cache):
     prompt = list(b"streamed from host RAM")
     on_gpu = codecllm.load("tiny", device="cuda", weights="huffman", cache=cache, cuda_graphs=False)
     expected = on_gpu.generate(prompt, 24)
-    model = codecllm.load("tiny", device="cuda", weights="huffman", cache=cache, storage="cpu")
+    model = codecllm.load("tiny", device="cuda", weights="huffman", cache=cache, storage="cpu", cuda_graphs=False)
     model.weight_cache.stream_ahead_bytes = 64 * 1024  # a tight bound: the host waits often
     for _ in range(4):  # a moving result would be a race between copy, decode and compute
         assert model.generate(prompt, 24) == expected
@@ -65,6 +65,23 @@ def test_streamed_weights_give_the_on_gpu_tokens_repeatably(cache):
     # every decode took one copy; copies issued ahead for the pass that never came are left over
     assert streamer.copies == s["decompressions"] + len(streamer._issued)
     assert s["bytes_transferred"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["auto:0", "none", "auto:1MB"])
+def test_streamed_weights_in_a_cuda_graph_give_the_on_gpu_tokens_repeatably(cache):
+    """Pinned host weights are graph-safe: the captured step copies each one over (and with
+    auto, copies and decodes the next on the side stream while the current one computes)."""
+    prompt = list(b"streamed from host RAM")
+    expected = codecllm.load("tiny", device="cuda", weights="huffman", cache=cache).generate(prompt, 24)
+    model = codecllm.load("tiny", device="cuda", weights="huffman", cache=cache, storage="cpu")
+    assert model.uses_cuda_graphs
+    for _ in range(4):  # a moving result would be a race between copy, decode and compute
+        assert model.generate(prompt, 24) == expected
+    s = model.stats()
+    if cache != "auto:1MB":  # nothing kept: every pass moves every weight
+        total = sum(w.compressed_nbytes for w in model.weight_cache._weights.values())
+        assert s["bytes_transferred"] >= s["forward_passes"] * total
 
 
 @pytest.mark.gpu

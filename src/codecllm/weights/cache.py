@@ -29,7 +29,7 @@ import torch
 
 from codecllm.codecs import EncodedTensor, decode
 from codecllm.errors import CacheError
-from codecllm.weights.offload import HostStreamer
+from codecllm.weights.offload import HostStreamer, capturable_copy, copy_to_device
 
 POLICIES = ("none", "per-pass", "lru:K", "pin:K", "auto[:BYTES]", "all", "fused")
 # Policies whose work per forward pass is the same every pass once warm, so a CUDA graph of one
@@ -37,6 +37,7 @@ POLICIES = ("none", "per-pass", "lru:K", "pin:K", "auto[:BYTES]", "all", "fused"
 # fixed by the end of the first pass (it only adds weights while they fit), and a captured pass
 # prefetches within itself only: the side-stream decodes fork from and join the captured stream.
 GRAPH_SAFE = ("none", "per-pass", "pin", "all", "fused", "auto")
+CAPTURED_COPIES_AHEAD = 2  # host-RAM weights copied ahead of their decode in a captured pass
 COUNTERS = ("forward_passes", "decompressions", "hits", "misses", "prefetch_hits", "fused_calls",
             "bytes_decoded", "bytes_transferred")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -113,6 +114,10 @@ class WeightCache:
         self._prefetched: tuple[int, torch.Tensor, torch.cuda.Event] | None = None
         self._side_stream: torch.cuda.Stream | None = None
         self._host_streamer: HostStreamer | None = None  # host-RAM weights on their way to the GPU
+        # Inside a captured pass, host-RAM weights are copied on a stream of their own, a few
+        # ahead of their decode: (device copy, copy done) by weight.
+        self._copy_stream: torch.cuda.Stream | None = None
+        self._captured_copies: dict[int, tuple[EncodedTensor, torch.cuda.Event]] = {}
         self._gpu_timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.reset_stats()
 
@@ -166,9 +171,9 @@ class WeightCache:
     @property
     def graph_safe(self) -> bool:
         """Whether a CUDA graph of one pass replays what this cache would do (trivially so when
-        the model has no compressed weights). Weights kept in host RAM are copied over at each
-        use, outside any graph."""
-        if any(w.encoded.device.type == "cpu" for w in self._weights.values()):
+        the model has no compressed weights). Weights kept in host RAM qualify when each lies in
+        one pinned block: the captured pass copies it over (a copy node in the graph) at each use."""
+        if any(w.encoded.device.type == "cpu" and not capturable_copy(w.encoded) for w in self._weights.values()):
             return False
         return not self._weights or self.policy.kind in GRAPH_SAFE
 
@@ -216,6 +221,8 @@ class WeightCache:
         if self._prefetched is not None:
             torch.cuda.current_stream(self._prefetched[1].device).wait_event(self._prefetched[2])
             self._prefetched = None
+        if self._host_streamer is not None:  # copies issued ahead for eager passes: not for this one
+            self._host_streamer.clear()
 
     def invalidate(self, weight: CompressedWeight) -> None:
         """Forget the decompressed copy of `weight` (its encoding changed)."""
@@ -270,8 +277,12 @@ class WeightCache:
         if encoded.device == device:
             return self._timed_decode(encoded, device)
         self.bytes_transferred += weight.compressed_nbytes
-        if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        if device.type != "cuda":
             return self._timed_decode(encoded.to(device), device)
+        if torch.cuda.is_current_stream_capturing():  # pinned (graph_safe): copies in the graph
+            tensor = self._timed_decode(self._captured_copy(id(weight), encoded, device), device)
+            self._copy_ahead_captured(id(weight), device)
+            return tensor
         # Host-RAM storage on CUDA: the copy was (or is now) issued on the streamer's stream.
         with self._streamer(device).use(id(weight), encoded) as on_device:
             return self._timed_decode(on_device, device)
@@ -291,6 +302,48 @@ class WeightCache:
         self._cpu_decode_seconds += time.perf_counter() - start_s
         return tensor
 
+    def _captured_copy(self, key: int, encoded: EncodedTensor, device: torch.device) -> EncodedTensor:
+        """In a capture: the device copy issued ahead for this weight (waited for on the current
+        stream), or one made now on the current stream."""
+        pending = self._captured_copies.pop(key, None)
+        if pending is None:
+            return copy_to_device(encoded, device)[0]
+        on_device, ready = pending
+        torch.cuda.current_stream(device).wait_event(ready)
+        return on_device
+
+    def _copy_ahead_captured(self, key: int, device: torch.device) -> None:
+        """In a capture: start copying the next host-RAM weights of this pass (not kept ones) on
+        the copy stream, so the copy engine works while this weight decodes and computes. The
+        copy stream first waits for the decodes enqueued so far: a device block freed by one of
+        them may be reused by these copies, but only after that decode has read it."""
+        position = self._position.get(key)
+        if position is None:
+            return
+        current = torch.cuda.current_stream(device)
+        joined = False
+        for candidate in self.order[position + 1 : position + 1 + CAPTURED_COPIES_AHEAD]:
+            encoded = self._weights[candidate].encoded
+            if candidate in self.entries or candidate in self._captured_copies or encoded.device.type != "cpu":
+                continue
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(device)
+            if not joined:
+                self._copy_stream.wait_stream(current)
+                joined = True
+            with torch.cuda.stream(self._copy_stream):
+                on_device = copy_to_device(encoded, device)[0]
+                ready = torch.cuda.Event()
+                ready.record(self._copy_stream)
+            self._captured_copies[candidate] = (on_device, ready)
+
+    def end_capture(self) -> None:
+        """Inside a capture, after its pass: join copies issued ahead that the pass did not take
+        (a capture must end with every stream it forked joined back)."""
+        for on_device, ready in self._captured_copies.values():
+            torch.cuda.current_stream(on_device.device).wait_event(ready)
+        self._captured_copies.clear()
+
     def _streamer(self, device: torch.device) -> HostStreamer:
         if self._host_streamer is None or self._host_streamer.device != device:
             self._host_streamer = HostStreamer(device, self.stream_ahead_bytes)
@@ -302,6 +355,8 @@ class WeightCache:
         streamer = self._host_streamer
         position = self._position.get(key)
         if streamer is None or streamer.device != device or self.forward_passes < 2 or position is None:
+            return
+        if torch.cuda.is_current_stream_capturing():  # a captured pass copies each weight itself
             return
         prefetched = self._prefetched[0] if self._prefetched is not None else None
         for step in range(1, len(self.order)):

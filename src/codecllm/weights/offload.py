@@ -71,6 +71,26 @@ def _find_block(encoded: EncodedTensor) -> tuple[torch.Tensor, dict[str, int]] |
     return block, {name: start - first for name, start in starts.items()}
 
 
+def copy_to_device(encoded: EncodedTensor, device: torch.device) -> tuple[EncodedTensor, torch.Tensor | None]:
+    """The encoding on `device`, copied asynchronously on the current stream: its packed block in
+    one copy where it has one (returned too), else buffer by buffer (block None)."""
+    packed = packed_block(encoded)
+    if packed is None:
+        return encoded.to(device, non_blocking=True), None
+    host, offsets = packed
+    block = torch.empty_like(host, device=device)
+    block.copy_(host, non_blocking=True)
+    views = {name: _view(block, offsets[name], buf) for name, buf in encoded.buffers.items()}
+    return encoded.with_buffers(views), block
+
+
+def capturable_copy(encoded: EncodedTensor) -> bool:
+    """Whether a CUDA graph can hold the copy of this host-stored encoding: one pinned block
+    (a captured copy from pageable memory fails)."""
+    packed = packed_block(encoded)
+    return packed is not None and packed[0].is_pinned()
+
+
 @dataclass
 class _Copy:
     block: torch.Tensor  # the device block
@@ -124,16 +144,8 @@ class HostStreamer:
         """Start copying `encoded` (host RAM) to the device, unless already under way."""
         if key in self._issued:
             return
-        packed = packed_block(encoded)
         with torch.cuda.stream(self.stream):
-            if packed is None:  # not packed: one copy per buffer
-                device_encoded, block = encoded.to(self.device, non_blocking=True), None
-            else:
-                host, offsets = packed
-                block = torch.empty_like(host, device=self.device)
-                block.copy_(host, non_blocking=True)
-                device_encoded = encoded.with_buffers(
-                    {name: _view(block, offsets[name], buf) for name, buf in encoded.buffers.items()})
+            device_encoded, block = copy_to_device(encoded, self.device)
             ready = torch.cuda.Event()
             ready.record(self.stream)
         size = self.size_of(encoded)
@@ -159,6 +171,11 @@ class HostStreamer:
             event = torch.cuda.Event()
             event.record(current)
             self._reading.append((event, copy.nbytes))
+
+    def clear(self) -> None:
+        """Drop every copy issued and not taken (a captured pass copies for itself)."""
+        for key in list(self._issued):
+            self.forget(key)
 
     def forget(self, key: int) -> None:
         """Drop an issued copy (its encoding changed)."""
