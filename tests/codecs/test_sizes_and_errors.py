@@ -14,6 +14,17 @@ def test_huffman_size_target():
     assert codecllm.encode(WEIGHTS, "huffman").ratio <= 0.68
 
 
+def test_huffman_lanes_are_shorter_on_small_tensors_only():
+    from codecllm.codecs.huffman import SMALL_TENSOR, SMALL_TENSOR_SYMBOLS_PER_LANE, SYMBOLS_PER_LANE
+
+    small = codecllm.encode(gaussian_weights(SMALL_TENSOR), "huffman")
+    large = codecllm.encode(gaussian_weights(SMALL_TENSOR + 2), "huffman")
+    assert small.meta["symbols_per_lane"] == SMALL_TENSOR_SYMBOLS_PER_LANE
+    assert large.meta["symbols_per_lane"] == SYMBOLS_PER_LANE
+    # the cost: 32 bits of lane offset per lane, twice as many lanes
+    assert 0.006 < small.ratio - large.ratio < 0.0085
+
+
 def test_nibble_size_target():
     assert codecllm.encode(WEIGHTS, "nibble").ratio <= 0.752
 

@@ -29,6 +29,19 @@ def test_triton_matches_reference(dtype, n):
             assert_bit_identical(reference, t)
 
 
+@pytest.mark.parametrize("symbols_per_lane", [2, 128, 256])
+def test_huffman_any_lane_length_decodes_bit_identically(symbols_per_lane):
+    from codecllm.codecs.base import EncodedTensor
+    from codecllm.codecs.huffman import HuffmanCodec
+
+    t = gaussian_weights(5000, seed=symbols_per_lane).view(50, 100)
+    buffers, meta, tiles = HuffmanCodec(symbols_per_lane).encode(t.reshape(-1))
+    encoded = EncodedTensor("huffman", t.dtype, tuple(t.shape), buffers, meta, tiles)
+    assert encoded.meta["symbols_per_lane"] == symbols_per_lane
+    assert_bit_identical(codecllm.decode(encoded, backend="torch"), t)
+    assert_bit_identical(codecllm.decode(encoded, backend="triton"), t)
+
+
 def test_zstd_has_no_gpu_decoder():
     from codecllm.errors import CodecError
 
