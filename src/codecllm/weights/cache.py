@@ -223,6 +223,7 @@ class WeightCache:
             self._prefetched = None
         if self._host_streamer is not None:  # copies issued ahead for eager passes: not for this one
             self._host_streamer.clear()
+        self._captured_copies.clear()  # left by a capture that failed before end_capture
 
     def invalidate(self, weight: CompressedWeight) -> None:
         """Forget the decompressed copy of `weight` (its encoding changed)."""
