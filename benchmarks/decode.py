@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, write_result
+from common import environment, gpu_time_ms, write_result
 
 import codecllm
 from codecllm.kv import cache_bytes
@@ -32,15 +32,7 @@ def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (1 GiB, median of 10)."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    times = []
-    for _ in range(12):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * a.numel() / statistics.median(times[2:])
+    return 2 * a.numel() / (gpu_time_ms(lambda: b.copy_(a), warmup=2, repeat=10) / 1e3)
 
 
 def timed(fn) -> float:
@@ -100,13 +92,20 @@ def hf_model_from(model):
     return hf.eval()
 
 
-def hf_eager(model, prompt, new):
-    hf = hf_model_from(model)
+def hf_generator(hf, prompt):
+    """generate(n): exactly n greedy tokens from transformers' `generate` after `prompt`."""
     ids = torch.tensor([prompt], device="cuda")
 
     def generate(n):
         with torch.no_grad():
             return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    return generate
+
+
+def hf_eager(model, prompt, new):
+    hf = hf_model_from(model)
+    generate = hf_generator(hf, prompt)
 
     speed = decode_speed(generate, new)
     out = generate(new)[0, len(prompt):].tolist()
@@ -114,13 +113,9 @@ def hf_eager(model, prompt, new):
 
 
 def hf_static_compile(hf, prompt, new):
-    ids = torch.tensor([prompt], device="cuda")
     hf.generation_config.cache_implementation = "static"
     hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
-
-    def generate(n):
-        with torch.no_grad():
-            return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    generate = hf_generator(hf, prompt)
 
     try:
         return {"tok_s": decode_speed(generate, new)}

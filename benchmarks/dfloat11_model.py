@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, write_result  # noqa: E402
-from decode import decode_speed, free_gpu_memory, hf_model_from, ours  # noqa: E402
+from decode import decode_speed, free_gpu_memory, hf_generator, hf_model_from, ours  # noqa: E402
 
 import codecllm  # noqa: E402
 from codecllm.report import format_table, human_bytes  # noqa: E402
@@ -125,11 +125,7 @@ def decodes_bit_identical(model, blocks) -> bool:
 
 
 def hf_generate(hf, prompt, new) -> dict:
-    ids = torch.tensor([prompt], device="cuda")
-
-    def generate(n):
-        with torch.no_grad():
-            return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    generate = hf_generator(hf, prompt)
 
     torch.cuda.reset_peak_memory_stats()
     speed = decode_speed(generate, new)

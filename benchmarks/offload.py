@@ -10,33 +10,24 @@ h2d_fraction = compressed bytes moved per token x tok/s / measured pinned host-t
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, write_result  # noqa: E402
-from decode import decode_speed, hf_model_from, ours  # noqa: E402
+from common import environment, gpu_time_ms, write_result  # noqa: E402
+from decode import decode_speed, hf_generator, hf_model_from, ours  # noqa: E402
 
 import codecllm  # noqa: E402
 from codecllm.report import format_table, human_bytes  # noqa: E402
 
 
 def h2d_bandwidth() -> float:
+    """Pinned host-to-device copy, bytes per second (256 MiB, median of 6)."""
     a = torch.empty(1 << 28, dtype=torch.uint8).pin_memory()
     b = torch.empty(a.numel(), dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(8):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a, non_blocking=True)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return a.numel() / statistics.median(times[2:])
-
+    return a.numel() / (gpu_time_ms(lambda: b.copy_(a, non_blocking=True), warmup=2, repeat=6) / 1e3)
 
 
 def accelerate_offload(model, prompt, new):
@@ -48,16 +39,9 @@ def accelerate_offload(model, prompt, new):
         return {"error": f"accelerate is not installed ({exc})"}
     hf = hf_model_from(model).to("cpu")
     cpu_offload(hf, execution_device=torch.device("cuda"))
-    ids = torch.tensor([prompt], device="cuda")
-
-    def generate(n):
-        with torch.no_grad():
-            return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-    speed = decode_speed(generate, new, runs=1)
+    speed = decode_speed(hf_generator(hf, prompt), new, runs=1)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.module.parameters())
     return {"tok_s": speed, "h2d_gbps_achieved": weight_bytes * speed / 1e9}
-
 
 
 def main() -> None:

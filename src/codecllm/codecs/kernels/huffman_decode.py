@@ -143,7 +143,7 @@ def lanes_per_program(lanes: int, device: torch.device) -> int:
     4-9% faster than 128 on large matrices (H100: 4096x4096 and up). Smaller ones are bound by
     the latency of their sequential steps, and more, smaller programs spread it over more SMs:
     128 lanes (4 warps) is 8-10% faster there."""
-    if device.type == "cuda" and lanes >= 384 * _sm_count(device.index if device.index is not None else 0):
+    if device.type == "cuda" and lanes >= 384 * _sm_count(device.index):  # a tensor's device has an index
         return 256
     return 128
 
