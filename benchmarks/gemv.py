@@ -36,7 +36,7 @@ SHAPES = {  # (out_features N, in_features K): the distinct linears of one block
 }
 COPIES = 4
 L2_FLUSH_BYTES = 256 << 20
-SWEEP_SHAPES = {(5632, 2048), (4096, 4096), (14336, 4096)}
+SWEEP_BATCH_SHAPES = {(2048, 2048), (2048, 5632), (1024, 4096), (4096, 4096), (14336, 4096), (4096, 14336)}
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -63,6 +63,8 @@ def bench_shape(n: int, k: int, batch: int, configs=None, kernels=("nibble", "tr
         variants = {"nibble": lambda i, c=config: fused[i](x, config=c),
                     "triton_bf16": lambda i, c=config: gemv(x, weights[i], config=c)}
         for name in kernels:
+            if name == "triton_bf16" and batch > 1 and not config[4]:
+                continue  # the plain kernel takes batches on tensor cores only
             fn = variants[name]
             try:
                 sweep[f"{name} {config}"] = graph_time_ms(lambda fn=fn: fn(pick()), calls=copies, repeat=10)
@@ -117,7 +119,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--sweep", action="store_true", help="also time block-size variants at batch 1, every shape")
     parser.add_argument("--sweep-batch", action="store_true",
-                        help="also time nibble block-size variants at batches 4 and 8 on three shapes")
+                        help="also time tensor-core block-size variants at batches 4 and 8 on four shapes")
     args = parser.parse_args()
     rows = []
     for model, shapes in SHAPES.items():
@@ -125,9 +127,10 @@ def main() -> None:
             for batch in (int(b) for b in args.batches.split(",")):
                 configs, kernels = None, ("nibble", "triton_bf16")
                 if batch == 1 and args.sweep:
-                    configs = list(itertools.product((1, 2), (1024, 2048), (1, 2, 4)))
-                elif batch in (4, 8) and args.sweep_batch and (n, k) in SWEEP_SHAPES:
-                    configs, kernels = list(itertools.product((1, 2, 4), (256, 512, 1024), (2, 4))), ("nibble",)
+                    configs = list(itertools.product((1, 2), (1024, 2048), (1, 2, 4), (1,), (False,)))
+                elif batch in (4, 8) and args.sweep_batch and (n, k) in SWEEP_BATCH_SHAPES:
+                    configs = [*itertools.product((16, 32, 64), (128, 256), (4,), (1, 4, 8), (True,)),
+                               *itertools.product((4, 8, 16), (256, 512), (2, 4), (1,), (False,))]
                 r = bench_shape(n, k, batch, configs, kernels)
                 r["model"] = model
                 rows.append(r)

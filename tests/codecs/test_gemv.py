@@ -23,8 +23,14 @@ def weights_with_escapes(n: int, k: int, seed: int) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("n, k, batch", [(6, 64, 1), (33, 200, 3), (17, 1032, 8), (5, 2052, 1), (3, 2052, 2)])
-def test_fused_nibble_gemv_matches_reference(n, k, batch):
+SPLIT_K = (16, 64, 4, 3, True)  # tensor-core tiles, K cut in 3 spans summed by a second kernel
+CUDA_CORES = (4, 64, 2, 1, False)  # batches on CUDA cores: each weight decoded once, B FMAs
+
+
+@pytest.mark.parametrize("n, k, batch, config", [(6, 64, 1, None), (33, 200, 3, None), (17, 1032, 8, None),
+                                                 (5, 2052, 1, None), (3, 2052, 2, None), (33, 200, 3, SPLIT_K),
+                                                 (17, 1032, 8, SPLIT_K), (33, 200, 3, CUDA_CORES)])
+def test_fused_nibble_gemv_matches_reference(n, k, batch, config):
     from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv
 
     w = weights_with_escapes(n, k, seed=n)
@@ -32,7 +38,8 @@ def test_fused_nibble_gemv_matches_reference(n, k, batch):
     assert encoded.buffers["escape_index"].numel() >= 5
     x = torch.randn(batch, k, generator=torch.Generator().manual_seed(k)).bfloat16()
     ref = x.double() @ w.double().T
-    for y in (NibbleGemvWeight(encoded)(x, out_dtype=torch.float32), gemv(x.float(), w.float())):
+    for y in (NibbleGemvWeight(encoded)(x, out_dtype=torch.float32, config=config),
+              gemv(x.float(), w.float(), config=config)):
         assert y.shape == (batch, n)
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
 
@@ -80,8 +87,8 @@ def test_fused_nibble_gemv_refuses_what_it_cannot_take():
     assert "base below 240" in nibble_gemv_supported(codecllm.encode(huge, "nibble"))
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-def test_fused_nibble_gemv_reads_weights_exactly(batch):
+@pytest.mark.parametrize("batch, config", [(1, None), (8, None), (8, SPLIT_K), (8, CUDA_CORES)])
+def test_fused_nibble_gemv_reads_weights_exactly(batch, config):
     """One-hot inputs pick out single columns: one product per output, so the result must be the
     weight itself, bit for bit (a sum that starts at +0 gives +0 for -0, as cuBLAS does), in all
     four slots of a packed word, at tile edges and at every escape."""
@@ -96,7 +103,7 @@ def test_fused_nibble_gemv_reads_weights_exactly(batch):
         x[torch.arange(group.numel()), group] = 1.0
         expected = w[:, group].T.contiguous()
         expected = torch.where(expected == 0, torch.zeros_like(expected), expected)
-        assert torch.equal(bits(fused(x)), bits(expected)), group
+        assert torch.equal(bits(fused(x, config=config)), bits(expected)), group
 
 
 def test_gemv_linear_takes_the_triton_kernel_only_inside_graph_steps(monkeypatch):
@@ -124,8 +131,8 @@ def test_load_checks_the_gemv_option():
 
 
 @pytest.mark.parametrize("nibble", [False, True])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_gemv_group_is_the_separate_gemvs_side_by_side(nibble, batch):
+@pytest.mark.parametrize("batch, config", [(1, None), (3, None), (3, SPLIT_K), (3, CUDA_CORES)])
+def test_gemv_group_is_the_separate_gemvs_side_by_side(nibble, batch, config):
     """One launch over up to three matrices (q/k/v) runs each one's rows through the same loop
     as a separate call, so the outputs must be the separate outputs, bit for bit."""
     from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv, gemv_group
@@ -136,16 +143,17 @@ def test_gemv_group_is_the_separate_gemvs_side_by_side(nibble, batch):
     x = torch.randn(batch, k, generator=torch.Generator().manual_seed(1)).bfloat16()
 
     def one(w):
-        return w(x, out_dtype=torch.float32) if nibble else gemv(x.float(), w.float())
+        return w(x, out_dtype=torch.float32, config=config) if nibble else gemv(x.float(), w.float(), config=config)
 
     for count in (2, 3):
-        together = gemv_group(x, weights[:count], out_dtype=torch.float32) if nibble else \
-            gemv_group(x.float(), [w.float() for w in weights[:count]])
+        together = gemv_group(x, weights[:count], out_dtype=torch.float32, config=config) if nibble else \
+            gemv_group(x.float(), [w.float() for w in weights[:count]], config=config)
         assert torch.equal(bits(together), bits(torch.cat([one(w) for w in weights[:count]], dim=-1)))
 
 
 @pytest.mark.parametrize("nibble", [False, True])
-def test_gated_gemv_is_silu_of_gate_times_up(nibble):
+@pytest.mark.parametrize("config", [None, SPLIT_K, CUDA_CORES])
+def test_gated_gemv_is_silu_of_gate_times_up(nibble, config):
     """gate/up in one launch with SiLU(gate) * up applied to the rounded bf16 outputs, as the
     eager ops do; SiLU's exp may differ by one bf16 step."""
     import torch.nn.functional as F
@@ -157,11 +165,11 @@ def test_gated_gemv_is_silu_of_gate_times_up(nibble):
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(2)).bfloat16()
     if nibble:
         pair = [NibbleGemvWeight(codecllm.encode(w, "nibble")) for w in (gate, up)]
-        g, u = (w(x, out_dtype=torch.float32).bfloat16() for w in pair)
+        g, u = (w(x, out_dtype=torch.float32, config=config).bfloat16() for w in pair)
     else:
         pair = [gate, up]
-        g, u = (gemv(x.float(), w.float()).bfloat16() for w in pair)  # rounded as torch rounds
-    got, ref = gemv_group(x, pair, gated=True), F.silu(g) * u
+        g, u = (gemv(x.float(), w.float(), config=config).bfloat16() for w in pair)  # rounded as torch rounds
+    got, ref = gemv_group(x, pair, gated=True, config=config), F.silu(g) * u
     apart = (bits(got).int() - bits(ref).int()).abs()
     assert got.dtype == torch.bfloat16 and apart.max() <= 1 and (apart == 0).float().mean() > 0.9
 

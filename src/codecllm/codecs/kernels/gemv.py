@@ -7,8 +7,12 @@ Two kernels of one structure, so the comparison is like for like:
 
 Each program owns BLOCK_N rows and walks K in BK-wide tiles, keeping one fp32 partial sum per
 row and column slot, reduced once at the end: a reduction per tile would cost a cross-warp
-exchange and a barrier every iteration. The plain kernel takes batches 2-8 through `tl.dot`
-(tensor cores); the nibble kernel decodes each weight once and does B FMAs with it.
+exchange and a barrier every iteration. Batches of 2-8: the plain kernel multiplies through
+`tl.dot` (tensor cores); the nibble kernel decodes each weight once and does B FMAs with it
+(batches up to 4), or decodes a tile to bf16 and hands it to `tl.dot` (`_nibble_rows_dot`).
+On tensor cores a program holds at least 16 rows, so a matrix of few rows leaves SMs idle:
+there K is split in spans (a second grid axis), each span's fp32 sums go to a workspace, and
+`_sum_splits_kernel` adds them in split order (the same result on every run, unlike atomics).
 
 The nibble decode is integer-bound, so it works on 32-bit words: one load brings the
 sign+mantissa bytes of 4 consecutive weights, a 16-bit load their 4 codes, and each fp32
@@ -68,8 +72,8 @@ def _nibble_rows(
     # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
     # divisibility (it specialises arguments divisible by 16), which is what lets it issue
     # 16-byte loads. EVEN: every tile is full (N % BLOCK_N == 0, K % BK == 0): no masks.
-    # Batches of 2-8 use the same loop with a batch dimension: each weight is decoded once and
-    # used in B FMAs (tensor cores would need the decoded tile reshuffled through shared memory).
+    # Batches use the same loop with a batch dimension: each weight is decoded once and used in
+    # B FMAs (best up to batch 4; _nibble_rows_dot on tensor cores above).
     BW: tl.constexpr = BK // 4  # 32-bit words of sign+mantissa bytes per tile row
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -103,7 +107,72 @@ def _nibble_rows(
         acc4 += _nibble_weight(packed, packed_codes, base_bits, 2)[None] * _bf16_at(xw, 2)
         acc4 += _nibble_weight(packed, packed_codes, base_bits, 3)[None] * _bf16_at(xw, 3)
     acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # (B_PAD, BLOCK_N)
-    # Escapes: the loop used the code-15 value; correct each one, row by row.
+    return _fix_escapes(acc, x, escape_row_ptr, escape_pairs, escape_values, rows, pid, N, stride_xb, B, B_PAD,
+                        BLOCK_N, 0, 0, False)
+
+
+@triton.jit
+def _nibble_rows_dot(
+    x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, pid,
+    N, words_per_row, base, stride_xw, stride_xb, span,
+    B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """_nibble_rows for batches of 2-8, over columns [span * s, span * (s + 1)) for split s (axis 1
+    of the grid), on tensor cores (tl.dot; B_PAD = 16, its least width).
+    A dot product may take its terms in any order, so each (BLOCK_N, BK) tile is taken as two
+    halves, its even and its odd columns: one 16-bit load brings the sign+mantissa bytes of an
+    even/odd pair and one byte their two codes (low nibble even, high odd), so both halves are
+    decoded elementwise from tiles of one shape, straight into bf16 bits, with no reshuffle; x
+    is read as 32-bit words and split the same way. Escapes as in _nibble_rows. DOT_FP32 (the
+    interpreter, whose bf16 arithmetic is wrong) multiplies in fp32."""
+    HALF: tl.constexpr = BK // 2
+    split = tl.program_id(1)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    batch = tl.arange(0, B_PAD)
+    batch_ok = batch < B
+    pairs_per_row = words_per_row * 2  # from the argument, so Triton knows its divisibility
+    row_pairs = rows.to(tl.int64)[:, None] * pairs_per_row
+    rest_ptr = sign_mantissa.to(tl.pointer_type(tl.uint16))
+    x_ptr = x.to(tl.pointer_type(tl.uint32))  # stride_xw counts 64-bit words: 2 * stride_xw pairs a row
+    base_bits = base << 7
+    acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
+    for p0 in range(split * (span // 2), tl.minimum(split * (span // 2) + span // 2, pairs_per_row), HALF):
+        pairs = p0 + tl.arange(0, HALF)
+        if EVEN:
+            rest = tl.load(rest_ptr + row_pairs + pairs[None, :]).to(tl.int32)
+            packed = tl.load(codes + row_pairs + pairs[None, :]).to(tl.int32)
+            xt = tl.load(x_ptr + batch[None, :] * (2 * stride_xw) + pairs[:, None], mask=batch_ok[None, :], other=0)
+        else:
+            ok = row_ok[:, None] & (pairs < pairs_per_row)[None, :]
+            rest = tl.load(rest_ptr + row_pairs + pairs[None, :], mask=ok, other=0).to(tl.int32)
+            packed = tl.load(codes + row_pairs + pairs[None, :], mask=ok, other=0).to(tl.int32)
+            xt = tl.load(x_ptr + batch[None, :] * (2 * stride_xw) + pairs[:, None],
+                         mask=batch_ok[None, :] & (pairs < pairs_per_row)[:, None], other=0)
+        even = ((rest & 0x80) << 8) | (((packed & 15) << 7) + base_bits) | (rest & 0x7F)
+        odd = (rest & 0x8000) | (((packed >> 4) << 7) + base_bits) | ((rest >> 8) & 0x7F)
+        w_even = even.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        w_odd = odd.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        x_even = (xt & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        x_odd = (xt >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        if DOT_FP32:
+            acc = tl.dot(w_even.to(tl.float32), x_even.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(w_odd.to(tl.float32), x_odd.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w_even, x_even, acc)
+            acc = tl.dot(w_odd, x_odd, acc)
+    return _fix_escapes(tl.trans(acc), x, escape_row_ptr, escape_pairs, escape_values, rows, pid, N, stride_xb, B,
+                        B_PAD, BLOCK_N, split * span, split * span + span, True)
+
+
+@triton.jit
+def _fix_escapes(acc, x, escape_row_ptr, escape_pairs, escape_values, rows, pid, N, stride_xb,
+                 B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, lo, hi, SPAN: tl.constexpr):
+    """acc (B_PAD, BLOCK_N) computed with each escaped weight at its code-15 value: correct each
+    (SPAN: only those of columns [lo, hi); with split K each split corrects its own span)."""
+    batch = tl.arange(0, B_PAD)
+    batch_ok = batch < B
     first = tl.load(escape_row_ptr + pid * BLOCK_N)
     last = tl.load(escape_row_ptr + tl.minimum(pid * BLOCK_N + BLOCK_N, N))
     for e in range(first, last):
@@ -112,38 +181,67 @@ def _nibble_rows(
         true_value = tl.load(escape_values + 2 * e)
         loop_value = tl.load(escape_values + 2 * e + 1)
         xv = tl.load(x + batch * stride_xb + col_e, mask=batch_ok, other=0).to(tl.float32)[:, None]
-        hit = (rows == row)[None, :]
+        hit = rows == row
+        if SPAN:
+            hit = hit & (col_e >= lo) & (col_e < hi)
+        hit = hit[None, :]
         # Take the loop's product out before adding the true one: (true - loop) * x in one step
-        # would round a tiny escaped weight away next to the loop's much larger value.
+        # would round a tiny escaped weight away next to the loop's much larger value (and so
+        # would a correction in another split than the one whose sum holds the loop's product).
         acc -= tl.where(hit, loop_value * xv, 0.0)
         acc += tl.where(hit, true_value * xv, 0.0)
     return acc
 
 
 @triton.jit
-def _emit(out, acc, up, pid, N, stride_ob, B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-          GATED: tl.constexpr):
+def _emit(out, partials, acc, up, pid, N, stride_ob, stride_pb, B: tl.constexpr, B_PAD: tl.constexpr,
+          BLOCK_N: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr):
     """Store (B_PAD, BLOCK_N) results at rows pid * BLOCK_N...: acc in out's dtype, or when GATED
-    silu(acc) * up, each first rounded to bf16 as the two separate GEMVs' outputs would be."""
+    silu(acc) * up, each first rounded to bf16 as the two separate GEMVs' outputs would be.
+    With SPLIT > 1 this program's fp32 sums go to its split's slice of `partials` instead (up
+    beside acc, N columns on), for _sum_splits_kernel."""
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     batch = tl.arange(0, B_PAD)
-    where = out + batch[:, None] * stride_ob + rows[None, :]
     ok = (batch < B)[:, None] & (rows < N)[None, :]
-    if GATED:
+    where = out + batch[:, None] * stride_ob + rows[None, :]
+    if SPLIT > 1:
+        where = partials + (tl.program_id(1) * B + batch[:, None]) * stride_pb + rows[None, :]
+        tl.store(where, acc, mask=ok)
+        if GATED:
+            tl.store(where + N, up, mask=ok)
+    elif GATED:
         store_bf16(where, silu_times(bf16_round(acc), bf16_round(up)), ok)
     else:
         tl.store(where, acc.to(out.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _nibble_block(
+    x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, pid,
+    N, words_per_row, base, stride_xw, stride_xb, span,
+    B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    if USE_DOT:
+        acc = _nibble_rows_dot(x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, pid, N,
+                               words_per_row, base, stride_xw, stride_xb, span, B, B_PAD, BLOCK_N, BK, EVEN,
+                               DOT_FP32)
+    else:
+        acc = _nibble_rows(x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, pid, N,
+                           words_per_row, base, stride_xw, stride_xb, B, B_PAD, BLOCK_N, BK, EVEN)
+    return acc
+
+
 @triton.jit(do_not_specialize=["base0", "base1", "base2"])
 def _nibble_kernel(
-    x, out,
+    x, out, partials,
     sm0, codes0, erp0, ep0, ev0, base0, n0,
     sm1, codes1, erp1, ep1, ev1, base1, n1,
     sm2, codes2, erp2, ep2, ev2, base2, n2,
-    p1, p2, words_per_row, stride_xw, stride_xb, stride_ob,
+    p1, p2, span, words_per_row, stride_xw, stride_xb, stride_ob, stride_pb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
-    SEGMENTS: tl.constexpr, GATED: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     # Up to three matrices of the same input width in one launch (q/k/v): programs [0, p1) take
     # matrix 0, [p1, p2) matrix 1, the rest matrix 2, each writing its own columns of `out`.
@@ -152,38 +250,41 @@ def _nibble_kernel(
     # Triton knows for its arguments.
     pid = tl.program_id(0)
     if GATED:
-        gate = _nibble_rows(x, sm0, codes0, erp0, ep0, ev0, pid, n0, words_per_row, base0, stride_xw, stride_xb,
-                            B, B_PAD, BLOCK_N, BK, EVEN)
-        up = _nibble_rows(x, sm1, codes1, erp1, ep1, ev1, pid, n0, words_per_row, base1, stride_xw, stride_xb,
-                          B, B_PAD, BLOCK_N, BK, EVEN)
-        _emit(out, gate, up, pid, n0, stride_ob, B, B_PAD, BLOCK_N, True)
+        gate = _nibble_block(x, sm0, codes0, erp0, ep0, ev0, pid, n0, words_per_row, base0, stride_xw, stride_xb, span,
+                             B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32)
+        up = _nibble_block(x, sm1, codes1, erp1, ep1, ev1, pid, n0, words_per_row, base1, stride_xw, stride_xb, span,
+                           B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32)
+        _emit(out, partials, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT)
     else:
         # The segment of this program; the branches below are pruned to SEGMENTS at compile time
         # (p1, p2 = the grid size where a segment is absent).
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
         if seg == 0:
-            acc = _nibble_rows(x, sm0, codes0, erp0, ep0, ev0, pid, n0, words_per_row, base0, stride_xw,
-                               stride_xb, B, B_PAD, BLOCK_N, BK, EVEN)
-            _emit(out, acc, acc, pid, n0, stride_ob, B, B_PAD, BLOCK_N, False)
+            acc = _nibble_block(x, sm0, codes0, erp0, ep0, ev0, pid, n0, words_per_row, base0, stride_xw,
+                                stride_xb, span, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32)
+            _emit(out, partials, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT)
         if SEGMENTS >= 2:
             if seg == 1:
-                acc = _nibble_rows(x, sm1, codes1, erp1, ep1, ev1, pid - p1, n1, words_per_row, base1, stride_xw,
-                                   stride_xb, B, B_PAD, BLOCK_N, BK, EVEN)
-                _emit(out + n0, acc, acc, pid - p1, n1, stride_ob, B, B_PAD, BLOCK_N, False)
+                acc = _nibble_block(x, sm1, codes1, erp1, ep1, ev1, pid - p1, n1, words_per_row, base1, stride_xw,
+                                     stride_xb, span, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32)
+                _emit(out + n0, partials + n0, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False,
+                      SPLIT)
         if SEGMENTS == 3:
             if seg == 2:
-                acc = _nibble_rows(x, sm2, codes2, erp2, ep2, ev2, pid - p2, n2, words_per_row, base2, stride_xw,
-                                   stride_xb, B, B_PAD, BLOCK_N, BK, EVEN)
-                _emit(out + n0 + n1, acc, acc, pid - p2, n2, stride_ob, B, B_PAD, BLOCK_N, False)
+                acc = _nibble_block(x, sm2, codes2, erp2, ep2, ev2, pid - p2, n2, words_per_row, base2, stride_xw,
+                                     stride_xb, span, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32)
+                _emit(out + n0 + n1, partials + n0 + n1, acc, acc, pid - p2, n2, stride_ob, stride_pb, B, B_PAD,
+                      BLOCK_N, False, SPLIT)
 
 
 @triton.jit
 def _plain_rows(
-    x, weight, pid, N, K, stride_xb,
+    x, weight, pid, N, K, stride_xb, span,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """fp32 (B_PAD, BLOCK_N): rows pid * BLOCK_N... of a plain matrix times x."""
+    """fp32 (B_PAD, BLOCK_N): rows pid * BLOCK_N... of a plain matrix times x (columns [span * s,
+    span * (s + 1)) for split s, axis 1 of the grid)."""
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     batch = tl.arange(0, B_PAD)
@@ -193,7 +294,8 @@ def _plain_rows(
         acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
     else:
         acc2 = tl.zeros((BLOCK_N, BK), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    split = tl.program_id(1)
+    for k0 in range(split * span, tl.minimum(split * span + span, K), BK):
         cols = k0 + tl.arange(0, BK)
         w = tl.load(row_start + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0)
         if USE_DOT:
@@ -212,67 +314,111 @@ def _plain_rows(
 
 @triton.jit
 def _plain_kernel(
-    x, out, w0, n0, w1, n1, w2, n2, p1, p2, K, stride_xb, stride_ob,
+    x, out, partials, w0, n0, w1, n1, w2, n2, p1, p2, span, K, stride_xb, stride_ob, stride_pb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     # Segments and GATED as in _nibble_kernel.
     pid = tl.program_id(0)
     if GATED:
-        gate = _plain_rows(x, w0, pid, n0, K, stride_xb, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-        up = _plain_rows(x, w1, pid, n0, K, stride_xb, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-        _emit(out, gate, up, pid, n0, stride_ob, B, B_PAD, BLOCK_N, True)
+        gate = _plain_rows(x, w0, pid, n0, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
+        up = _plain_rows(x, w1, pid, n0, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
+        _emit(out, partials, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT)
     else:
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
         if seg == 0:
-            acc = _plain_rows(x, w0, pid, n0, K, stride_xb, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-            _emit(out, acc, acc, pid, n0, stride_ob, B, B_PAD, BLOCK_N, False)
+            acc = _plain_rows(x, w0, pid, n0, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
+            _emit(out, partials, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT)
         if SEGMENTS >= 2:
             if seg == 1:
-                acc = _plain_rows(x, w1, pid - p1, n1, K, stride_xb, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-                _emit(out + n0, acc, acc, pid - p1, n1, stride_ob, B, B_PAD, BLOCK_N, False)
+                acc = _plain_rows(x, w1, pid - p1, n1, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
+                _emit(out + n0, partials + n0, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False,
+                      SPLIT)
         if SEGMENTS == 3:
             if seg == 2:
-                acc = _plain_rows(x, w2, pid - p2, n2, K, stride_xb, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-                _emit(out + n0 + n1, acc, acc, pid - p2, n2, stride_ob, B, B_PAD, BLOCK_N, False)
+                acc = _plain_rows(x, w2, pid - p2, n2, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
+                _emit(out + n0 + n1, partials + n0 + n1, acc, acc, pid - p2, n2, stride_ob, stride_pb, B, B_PAD,
+                      BLOCK_N, False, SPLIT)
 
 
-def _config(n: int, k: int, batch: int, nibble: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BK, num_warps), from the sweeps in benchmarks/gemv.py on an H100."""
-    if nibble:
-        if batch > 1:
-            return (4, 256, 2) if batch <= 4 else (4, 512, 4)
-        return (1, 2048, 4) if n < 2048 else (1, 1024, 2) if n < 4096 else (1, 1024, 1)
-    if batch > 1:
-        return 16, 256, 4  # tensor-core path
-    return (2, 2048, 8) if k >= 2048 else (1, 1024, 4)
+@triton.jit
+def _sum_splits_kernel(partials, out, N, stride_pb, stride_ob, B: tl.constexpr, SPLIT: tl.constexpr,
+                       BLOCK: tl.constexpr, GATED: tl.constexpr):
+    """out[b, :N] = the SPLIT partial sums added in split order (the same result on every run),
+    emitted as _emit does (GATED: silu(gate) * up, gate and up side by side in `partials`)."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(1)
+    ok = cols < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    up = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        where = partials + (s * B + b) * stride_pb + cols
+        acc += tl.load(where, mask=ok, other=0)
+        if GATED:
+            up += tl.load(where + N, mask=ok, other=0)
+    if GATED:
+        store_bf16(out + b * stride_ob + cols, silu_times(bf16_round(acc), bf16_round(up)), ok)
+    else:
+        tl.store(out + b * stride_ob + cols, acc.to(out.dtype.element_ty), mask=ok)
+
+
+def _config(n: int, k: int, batch: int, nibble: bool) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_N, BK, num_warps, splits of K, tensor cores), from the sweeps in benchmarks/gemv.py
+    on an H100 (`--sweep`, `--sweep-batch`)."""
+    if batch == 1:
+        if nibble:
+            block_n, bk, warps = (1, 2048, 4) if n < 2048 else (1, 1024, 2) if n < 4096 else (1, 1024, 1)
+            return block_n, bk, warps, 1, False
+        return (2, 2048, 8, 1, False) if k >= 2048 else (1, 1024, 4, 1, False)
+    if nibble and batch <= 4 and n < 16384:  # CUDA cores: each weight decoded once, then B FMAs
+        return 4, 512, 2 if n * k >= 16 << 20 else 4, 1, False
+    # tensor cores; K split in spans (summed by a second kernel) where rows alone leave SMs idle
+    block_n = (16 if n <= 2048 else 32) if nibble else 64
+    programs = triton.cdiv(n, block_n)
+    splits = 8 if programs <= 64 - 48 * (not nibble) else 4 if programs < 256 and (nibble or k > 4096) else 1
+    return block_n, 128 if nibble or programs >= 200 else 256, 4, splits, True
 
 
 def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
     """segments: one argument tuple per matrix, ending with its row count N."""
     batch = x2d.shape[0]
     rows = [segment[-1] for segment in segments]
-    block_n, bk, warps = config or _config(sum(rows), k, batch, nibble)
+    block_n, bk, warps, splits, use_dot = config or _config(sum(rows), k, batch, nibble)
+    # tensor cores for batches (the plain kernel's CUDA-core loop takes one row only)
+    use_dot = batch > 1 and (use_dot or not nibble)
+    if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
+        block_n, bk = max(block_n, 16), max(bk, 16)
+    else:
+        splits = 1  # batch 1 fills the GPU with rows
+    span = triton.cdiv(triton.cdiv(k, splits), bk) * bk  # columns a split takes, whole tiles
+    splits = triton.cdiv(k, span)
+    flags = {"B_PAD": 16 if use_dot else triton.next_power_of_2(batch), "USE_DOT": use_dot,
+             "DOT_FP32": interpreting()}
     if nibble:
         scalars = (k // 4, x2d.stride(0) // 4)  # words per row, x's row stride in 64-bit words
-        flags = {"B_PAD": triton.next_power_of_2(batch),
-                 "EVEN": all(n % block_n == 0 for n in rows) and k % bk == 0}
+        flags["EVEN"] = all(n % block_n == 0 for n in rows) and k % bk == 0
     else:
         scalars = (k,)
-        use_dot = batch > 1
-        if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
-            block_n, bk = max(block_n, 16), max(bk, 16)
-        flags = {"B_PAD": 16 if use_dot else 1, "USE_DOT": use_dot,
-                 "DOT_FP32": interpreting()}
     programs = [triton.cdiv(n, block_n) for n in rows]
     grid = programs[0] if gated else sum(programs)
     # first program of segments 1 and 2 (the grid size where there is no such segment)
     starts = [sum(programs[:i]) if i < len(programs) and not gated else grid for i in (1, 2)]
     padded = list(segments) + [segments[0]] * (3 - len(segments))  # absent ones: never read
-    kernel[(grid,)](
-        x2d, out, *[arg for segment in padded for arg in segment], *starts, *scalars, x2d.stride(0), out.stride(0),
-        B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps, SEGMENTS=len(segments), GATED=gated, **flags,
+    # split K: each split's fp32 sums (gate and up side by side when gated), added up after
+    n_out = out.shape[1]
+    partials = out if splits == 1 else torch.empty(splits, batch, 2 * n_out if gated else n_out,
+                                                   dtype=torch.float32, device=out.device)
+    kernel[(grid, splits)](
+        x2d, out, partials, *[arg for segment in padded for arg in segment], *starts, span, *scalars, x2d.stride(0),
+        out.stride(0), partials.stride(-2), B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps,
+        SEGMENTS=len(segments), GATED=gated, SPLIT=splits, **flags,
     )
+    if splits > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(n_out, block), batch)](
+            partials, out, n_out, partials.stride(-2), out.stride(0), B=batch, SPLIT=splits, BLOCK=block,
+            GATED=gated, num_warps=4)
     return out
 
 
