@@ -3,6 +3,8 @@ huffman with prefetch) against Hugging Face transformers on the same random
 weights, in the same run. Batch 1, bf16.
 
     python benchmarks/decode.py --model tinyllama-1.1b [--prompt 128] [--new 256] [--skip hf,compile,...]
+    python benchmarks/decode.py --model llama-3.1-8b --skip hf,compile,triton,nibble,prefill \
+        --name huffman-decode-llama-3.1-8b     (the huffman rows alone, kept apart from the main run)
 
 Decode speed is measured on the decode steps alone: time(generate N) - time(generate 1), over N - 1
 tokens, median of 3 runs after a warm-up (a captured graph is reused, as a server would).
@@ -58,13 +60,23 @@ def free_gpu_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def ours(model_name, prompt, new, weights=None, cache="auto", cuda_graphs=None, gemv="auto", storage="gpu"):
+def ours(model_name, prompt, new, weights=None, cache="auto", cuda_graphs=None, gemv="auto", storage="gpu",
+         reuse=None):
+    """One row: load (and encode) the model, or take `reuse` (a model of an earlier row with the
+    same weights) and switch its cache policy: the 8B shape's huffman encode takes minutes."""
     free_gpu_memory()
     torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()  # what earlier rows left (kept out of this row's figures)
-    model = codecllm.load(model_name, device="cuda", weights=weights, cache=cache, cuda_graphs=cuda_graphs,
-                          storage=storage, gemv=gemv)
-    load_peak = torch.cuda.max_memory_allocated() - before  # encoding runs at load: its own peak
+    if reuse is None:
+        before = torch.cuda.memory_allocated()  # what earlier rows left (kept out of this row's figures)
+        model = codecllm.load(model_name, device="cuda", weights=weights, cache=cache, cuda_graphs=cuda_graphs,
+                              storage=storage, gemv=gemv)
+        model.memory_before = before
+        load_peak = torch.cuda.max_memory_allocated() - before  # encoding runs at load: its own peak
+    else:
+        model, before, load_peak = reuse, reuse.memory_before, 0
+        model.set_cache(cache)
+        model.cuda_graphs = cuda_graphs
+        free_gpu_memory()  # the copies the last policy kept
     torch.cuda.reset_peak_memory_stats()
     tokens = {}
 
@@ -137,7 +149,8 @@ def main() -> None:
     parser.add_argument("--model", default="tinyllama-1.1b")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
-    parser.add_argument("--skip", default="", help="comma-separated: hf,compile,huffman,prefill,triton")
+    parser.add_argument("--skip", default="", help="comma-separated: hf,compile,triton,nibble,huffman,prefill")
+    parser.add_argument("--name", help="result file name (default decode-MODEL)")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     config = codecllm.models.ModelConfig.from_name(args.model)
@@ -169,17 +182,18 @@ def main() -> None:
         model, r = ours(args.model, prompt, args.new, cuda_graphs=True)
         record("codecllm bf16 CUDA graph (Triton GEMV)", r)
         del model
-    model, r = ours(args.model, prompt, args.new, weights="nibble", cache="fused", cuda_graphs=True)
-    record("codecllm nibble fused, CUDA graph", r)
-    del model
-    if "huffman" not in skip:
+    if "nibble" not in skip:
+        model, r = ours(args.model, prompt, args.new, weights="nibble", cache="fused", cuda_graphs=True)
+        record("codecllm nibble fused, CUDA graph", r)
+        del model
+    if "huffman" not in skip:  # encoded once, each policy set on the same model
+        model = None
         for fraction in (0.0, 0.1, 0.5):
             budget = int(config.parameter_count() * 2 * fraction)
-            model, r = ours(args.model, prompt, args.new, weights="huffman", cache=f"auto:{budget}")
+            model, r = ours(args.model, prompt, args.new, weights="huffman", cache=f"auto:{budget}", reuse=model)
             record(f"codecllm huffman auto {fraction:.0%} kept", r)
-            del model
         # the same decode work without the host: decode + matmul per weight, replayed as a graph
-        model, r = ours(args.model, prompt, args.new, weights="huffman", cache="none", cuda_graphs=True)
+        model, r = ours(args.model, prompt, args.new, weights="huffman", cache="none", cuda_graphs=True, reuse=model)
         record("codecllm huffman none, CUDA graph", r)
         del model
 
@@ -223,7 +237,7 @@ def main() -> None:
         r.pop("tokens", None)
     payload = {"model": args.model, "prompt": args.prompt, "new": args.new, "copy_bandwidth": bandwidth,
                "rows": rows, "prefill_tok_s": prefill, "environment": env}
-    print(f"wrote {write_result(f'decode-{args.model}', payload)}")
+    print(f"wrote {write_result(args.name or f'decode-{args.model}', payload)}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,15 @@ def main() -> None:
         if summary["hf_eager_tok_s"][model] is None and earlier.exists():
             summary["hf_eager_tok_s"][model] = json.loads(earlier.read_text())["rows"]["HF transformers eager"]["tok_s"]
             summary["sources"].append(earlier.name)
+        huffman_rows = rows
+        apart = RESULTS / f"huffman-{path.name}"  # the huffman rows of a run of their own (8B: long encode)
+        if not any("huffman" in k for k in rows) and apart.exists():
+            huffman_rows = json.loads(apart.read_text())["rows"]
+            summary["sources"].append(apart.name)
+        for label, r in huffman_rows.items():
+            if label.startswith("codecllm huffman") and "tok_s" in r:
+                kept = label.removeprefix("codecllm huffman ").replace(" kept", "")  # 'auto 10%', 'none, CUDA graph'
+                summary.setdefault("codecllm_huffman_tok_s", {}).setdefault(model, {})[kept] = r["tok_s"]
         if "tok_s" in nibble:
             summary["codecllm_nibble_tok_s"][model] = nibble["tok_s"]
             summary["nibble_vs_bf16"][model] = nibble["tok_s"] / best_bf16["tok_s"]

@@ -67,6 +67,27 @@ def test_named_modules_keep_linear_features():
     assert (q.in_features, q.out_features) == (256, 256)
 
 
+def test_set_cache_switches_policy_without_reencoding():
+    model = codecllm.load("tiny", weights="huffman", cache="lru:4")
+    prompt = [5, 6, 7]
+    expected = model.generate(prompt, 5)
+    store = model.module.model.layers[0].self_attn.q_proj.weight_store
+    encoded = store.encoded
+    old = model.weight_cache
+    assert old.stats()["cache_entries"] > 0
+    model.set_cache("all")
+    assert old.stats()["cache_entries"] == 0  # the old cache let its copies go
+    assert model.generate(prompt, 5) == expected
+    stats = model.stats()
+    assert stats["policy"] == "all" and stats["compressed_layers"] == 30 and stats["cache_entries"] == 30
+    assert stats["forward_passes"] == 5 and store.encoded is encoded  # fresh counters, same bytes
+    model.set_cache("none")
+    assert model.generate(prompt, 5) == expected and model.stats()["cache_entries"] == 0
+    with pytest.raises(CacheError, match="unknown cache policy 'every'"):
+        model.set_cache("every")
+    assert model.stats()["policy"] == "none"  # a bad policy leaves the model as it was
+
+
 def test_load_compressed_checkpoint_matches_plain(tmp_path):
     from codecllm.models import write_random_model
 

@@ -20,7 +20,7 @@ from codecllm.models.tokenizer import load_tokenizer
 from codecllm.weights.cache import WeightCache
 from codecllm.weights.compress_model import attach_weight_cache, compress_model
 from codecllm.weights.fast_linear import use_triton_gemv
-from codecllm.weights.modules import CompressedEmbedding, CompressedLinear
+from codecllm.weights.modules import CompressedEmbedding, CompressedLinear, serve_from
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -140,6 +140,22 @@ class Model:
         self._token_clock[1] = now
         cache = self.weight_cache
         self.log(f"Token {step}: took {took:.3f}s, total {total:.3f}s, cache={len(cache.entries)}/{cache.capacity}")
+
+    # ---- weight cache ---------------------------------------------------------------------------
+
+    def set_cache(self, policy: str) -> None:
+        """Serve the compressed layers through a new weight cache with `policy` ('none', 'auto:2GB',
+        'fused', ...; as `load`'s cache argument), without reloading or re-encoding anything. The
+        old cache's decompressed copies are freed, statistics start from zero, and captured decode
+        graphs are dropped (they replay the old cache's decisions). Raises CacheError for a
+        policy that does not parse, leaving the model as it was."""
+        old = self.weight_cache
+        new = WeightCache(policy, log=old.log, log_every=old.log_every, stream_ahead_bytes=old.stream_ahead_bytes)
+        old.close()
+        serve_from(self.module, new)
+        attach_weight_cache(self.module, new)
+        self.weight_cache = new
+        self._graphs.clear()
 
     # ---- expert vectors --------------------------------------------------------------------------
 

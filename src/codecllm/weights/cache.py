@@ -216,6 +216,12 @@ class WeightCache:
         self._drop_all()
         self._prefetched = None
 
+    def close(self) -> None:
+        """Let go of everything this cache holds for its weights: decompressed copies, a pending
+        prefetch, host-RAM copies on their way (a model that moves to another cache)."""
+        self.before_capture()
+        self.clear()
+
     def before_capture(self) -> None:
         """Settle a prefetch issued by an eager pass: a captured pass may not wait on it."""
         if self._prefetched is not None:

@@ -12,6 +12,14 @@ from codecllm.weights.cache import CompressedWeight, WeightCache
 from codecllm.weights.offload import pin_packed
 
 
+def serve_from(model: nn.Module, cache: WeightCache) -> None:
+    """Point every compressed layer of `model` at `cache`."""
+    for module in model.modules():
+        if isinstance(module, _Compressed):
+            module.cache = cache
+            cache.register(module.weight_store)
+
+
 class _Compressed(nn.Module):
     def __init__(self, store: CompressedWeight, cache: WeightCache, compute_device=None):
         super().__init__()
