@@ -64,6 +64,9 @@ def ours(model_name, prompt, new, weights=None, cache="auto", cuda_graphs=None, 
          reuse=None):
     """One row: load (and encode) the model, or take `reuse` (a model of an earlier row with the
     same weights) and switch its cache policy: the 8B shape's huffman encode takes minutes."""
+    if reuse is not None:  # first, so that the copies the last policy kept are freed below
+        reuse.set_cache(cache)
+        reuse.cuda_graphs = cuda_graphs
     free_gpu_memory()
     torch.cuda.reset_peak_memory_stats()
     if reuse is None:
@@ -74,9 +77,6 @@ def ours(model_name, prompt, new, weights=None, cache="auto", cuda_graphs=None, 
         load_peak = torch.cuda.max_memory_allocated() - before  # encoding runs at load: its own peak
     else:
         model, before, load_peak = reuse, reuse.memory_before, 0
-        model.set_cache(cache)
-        model.cuda_graphs = cuda_graphs
-        free_gpu_memory()  # the copies the last policy kept
     torch.cuda.reset_peak_memory_stats()
     tokens = {}
 

@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--sweep", action="store_true", help="also time block-size variants at batch 1, every shape")
     parser.add_argument("--sweep-batch", action="store_true",
-                        help="also time tensor-core block-size variants at batches 4 and 8 on four shapes")
+                        help="also time block-size variants (tensor cores and CUDA cores) at batches 4 and 8 on "
+                             "six shapes")
     args = parser.parse_args()
     rows = []
     for model, shapes in SHAPES.items():

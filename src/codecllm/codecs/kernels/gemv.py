@@ -150,6 +150,8 @@ def _nibble_rows_dot(
             packed = tl.load(codes + row_pairs + pairs[None, :], mask=ok, other=0).to(tl.int32)
             xt = tl.load(x_ptr + batch[None, :] * (2 * stride_xw) + pairs[:, None],
                          mask=batch_ok[None, :] & (pairs < pairs_per_row)[:, None], other=0)
+        # nibble_bf16_bits of each half, written out: through the helper (masking the pair's
+        # bytes apart first) the loop took ~60 more SASS instructions a tile step
         even = ((rest & 0x80) << 8) | (((packed & 15) << 7) + base_bits) | (rest & 0x7F)
         odd = (rest & 0x8000) | (((packed >> 4) << 7) + base_bits) | ((rest >> 8) & 0x7F)
         w_even = even.to(tl.int16).to(tl.bfloat16, bitcast=True)
@@ -194,25 +196,31 @@ def _fix_escapes(acc, x, escape_row_ptr, escape_pairs, escape_values, rows, pid,
 
 
 @triton.jit
+def _store_result(where, acc, up, ok, GATED: tl.constexpr):
+    """acc in the output's dtype, or when GATED silu(acc) * up, each first rounded to bf16 as the
+    two separate GEMVs' outputs would be."""
+    if GATED:
+        store_bf16(where, silu_times(bf16_round(acc), bf16_round(up)), ok)
+    else:
+        tl.store(where, acc.to(where.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _emit(out, partials, acc, up, pid, N, stride_ob, stride_pb, B: tl.constexpr, B_PAD: tl.constexpr,
           BLOCK_N: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr):
-    """Store (B_PAD, BLOCK_N) results at rows pid * BLOCK_N...: acc in out's dtype, or when GATED
-    silu(acc) * up, each first rounded to bf16 as the two separate GEMVs' outputs would be.
-    With SPLIT > 1 this program's fp32 sums go to its split's slice of `partials` instead (up
-    beside acc, N columns on), for _sum_splits_kernel."""
+    """Store (B_PAD, BLOCK_N) results at rows pid * BLOCK_N... (_store_result). With SPLIT > 1
+    this program's fp32 sums go to its split's slice of `partials` instead (up beside acc, N
+    columns on), for _sum_splits_kernel."""
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     batch = tl.arange(0, B_PAD)
     ok = (batch < B)[:, None] & (rows < N)[None, :]
-    where = out + batch[:, None] * stride_ob + rows[None, :]
     if SPLIT > 1:
         where = partials + (tl.program_id(1) * B + batch[:, None]) * stride_pb + rows[None, :]
         tl.store(where, acc, mask=ok)
         if GATED:
             tl.store(where + N, up, mask=ok)
-    elif GATED:
-        store_bf16(where, silu_times(bf16_round(acc), bf16_round(up)), ok)
     else:
-        tl.store(where, acc.to(out.dtype.element_ty), mask=ok)
+        _store_result(out + batch[:, None] * stride_ob + rows[None, :], acc, up, ok, GATED)
 
 
 @triton.jit
@@ -346,7 +354,7 @@ def _plain_kernel(
 def _sum_splits_kernel(partials, out, N, stride_pb, stride_ob, B: tl.constexpr, SPLIT: tl.constexpr,
                        BLOCK: tl.constexpr, GATED: tl.constexpr):
     """out[b, :N] = the SPLIT partial sums added in split order (the same result on every run),
-    emitted as _emit does (GATED: silu(gate) * up, gate and up side by side in `partials`)."""
+    stored by _store_result (GATED: gate and up side by side in `partials`)."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     b = tl.program_id(1)
     ok = cols < N
@@ -357,10 +365,7 @@ def _sum_splits_kernel(partials, out, N, stride_pb, stride_ob, B: tl.constexpr, 
         acc += tl.load(where, mask=ok, other=0)
         if GATED:
             up += tl.load(where + N, mask=ok, other=0)
-    if GATED:
-        store_bf16(out + b * stride_ob + cols, silu_times(bf16_round(acc), bf16_round(up)), ok)
-    else:
-        tl.store(out + b * stride_ob + cols, acc.to(out.dtype.element_ty), mask=ok)
+    _store_result(out + b * stride_ob + cols, acc, up, ok, GATED)
 
 
 def _config(n: int, k: int, batch: int, nibble: bool) -> tuple[int, int, int, int, bool]:
@@ -376,7 +381,8 @@ def _config(n: int, k: int, batch: int, nibble: bool) -> tuple[int, int, int, in
     # tensor cores; K split in spans (summed by a second kernel) where rows alone leave SMs idle
     block_n = (16 if n <= 2048 else 32) if nibble else 64
     programs = triton.cdiv(n, block_n)
-    splits = 8 if programs <= 64 - 48 * (not nibble) else 4 if programs < 256 and (nibble or k > 4096) else 1
+    few = 64 if nibble else 16  # row programs at or under which 8 spans paid
+    splits = 8 if programs <= few else 4 if programs < 256 and (nibble or k > 4096) else 1
     return block_n, 128 if nibble or programs >= 200 else 256, 4, splits, True
 
 
@@ -390,7 +396,7 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
     if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
         block_n, bk = max(block_n, 16), max(bk, 16)
     else:
-        splits = 1  # batch 1 fills the GPU with rows
+        splits = 1  # CUDA cores: batch 1 fills the GPU with rows, and _nibble_rows takes no span
     span = triton.cdiv(triton.cdiv(k, splits), bk) * bk  # columns a split takes, whole tiles
     splits = triton.cdiv(k, span)
     flags = {"B_PAD": 16 if use_dot else triton.next_power_of_2(batch), "USE_DOT": use_dot,
