@@ -44,6 +44,7 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_shape(n: int, k: int, batch: int, configs=None, kernels=("nibble", "triton_bf16")) -> dict:
+    """configs: {kernel: [config tuples to time besides the default]}."""
     g = torch.Generator(device="cuda").manual_seed(n * 31 + k)
     copies = max(COPIES, -(-L2_FLUSH_BYTES // (n * k * 2)))
     weights = [(torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16() for _ in range(copies)]
@@ -59,13 +60,10 @@ def bench_shape(n: int, k: int, batch: int, configs=None, kernels=("nibble", "tr
         "nibble": graph_time_ms(lambda: fused[pick()](x), calls=copies),
     }
     sweep = {}
-    for config in configs or []:
-        variants = {"nibble": lambda i, c=config: fused[i](x, config=c),
-                    "triton_bf16": lambda i, c=config: gemv(x, weights[i], config=c)}
-        for name in kernels:
-            if name == "triton_bf16" and batch > 1 and not config[4]:
-                continue  # the plain kernel takes batches on tensor cores only
-            fn = variants[name]
+    for name in kernels:
+        for config in (configs or {}).get(name, []):
+            fn = {"nibble": lambda i, c=config: fused[i](x, config=c),
+                  "triton_bf16": lambda i, c=config: gemv(x, weights[i], config=c)}[name]
             try:
                 sweep[f"{name} {config}"] = graph_time_ms(lambda fn=fn: fn(pick()), calls=copies, repeat=10)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported
@@ -128,10 +126,14 @@ def main() -> None:
             for batch in (int(b) for b in args.batches.split(",")):
                 configs, kernels = None, ("nibble", "triton_bf16")
                 if batch == 1 and args.sweep:
-                    configs = list(itertools.product((1, 2), (1024, 2048), (1, 2, 4), (1,), (False,)))
+                    configs = dict.fromkeys(kernels, list(itertools.product((1, 2), (1024, 2048), (1, 2, 4), (1,),
+                                                                            (False,))))
                 elif batch in (4, 8) and args.sweep_batch and (n, k) in SWEEP_BATCH_SHAPES:
-                    configs = [*itertools.product((16, 32, 64), (128, 256), (4,), (1, 4, 8), (True,)),
-                               *itertools.product((4, 8, 16), (256, 512), (2, 4), (1,), (False,))]
+                    # nibble: 16-row tiles, BK 128 = loads a loop turn ahead; stages 1 (registers only)
+                    configs = {"nibble": list(itertools.product((16,), (64, 128, 256), (4, 8), (1, 2, 4), (True,),
+                                                                (1,))),
+                               "triton_bf16": list(itertools.product((16, 32, 64), (64, 128, 256), (4,),
+                                                                     (1, 2, 4, 8), (True,)))}
                 r = bench_shape(n, k, batch, configs, kernels)
                 r["model"] = model
                 rows.append(r)

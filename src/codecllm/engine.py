@@ -203,8 +203,10 @@ class Model:
                 plain += p.numel() * p.element_size()
         compressed = sum(s.compressed_nbytes for s in stores.values())
         decompressed = sum(s.nbytes for s in stores.values())
-        return {"plain": plain, "compressed": compressed, "compressed_original": decompressed,
-                "weights_held": plain + compressed, "weights_original": plain + decompressed}
+        # the fused GEMV's escape lists, built beside the codec's buffers (the `fused` policy)
+        gemv = sum(s.gemv.extra_nbytes for s in stores.values() if getattr(s, "gemv", None) is not None)
+        return {"plain": plain, "compressed": compressed, "compressed_original": decompressed, "gemv_extra": gemv,
+                "weights_held": plain + compressed + gemv, "weights_original": plain + decompressed}
 
     def kv_cache_bytes(self, batch: int, seq_len: int) -> int:
         dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)

@@ -24,12 +24,15 @@ def weights_with_escapes(n: int, k: int, seed: int) -> torch.Tensor:
 
 
 SPLIT_K = (16, 64, 4, 3, True)  # tensor-core tiles, K cut in 3 spans summed by a second kernel
+PREFETCH = (16, 128, 4, 2, True, 1)  # two MMA steps a loop turn: the next turn's loads run ahead
 CUDA_CORES = (4, 64, 2, 1, False)  # batches on CUDA cores: each weight decoded once, B FMAs
 
 
 @pytest.mark.parametrize("n, k, batch, config", [(6, 64, 1, None), (33, 200, 3, None), (17, 1032, 8, None),
                                                  (5, 2052, 1, None), (3, 2052, 2, None), (33, 200, 3, SPLIT_K),
-                                                 (17, 1032, 8, SPLIT_K), (33, 200, 3, CUDA_CORES)])
+                                                 (17, 1032, 8, SPLIT_K), (33, 200, 3, CUDA_CORES),
+                                                 (32, 512, 4, None), (48, 2048, 8, None), (17, 1032, 8, PREFETCH),
+                                                 (32, 2048, 5, PREFETCH)])
 def test_fused_nibble_gemv_matches_reference(n, k, batch, config):
     from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv
 
@@ -87,7 +90,7 @@ def test_fused_nibble_gemv_refuses_what_it_cannot_take():
     assert "base below 240" in nibble_gemv_supported(codecllm.encode(huge, "nibble"))
 
 
-@pytest.mark.parametrize("batch, config", [(1, None), (8, None), (8, SPLIT_K), (8, CUDA_CORES)])
+@pytest.mark.parametrize("batch, config", [(1, None), (8, None), (8, SPLIT_K), (8, CUDA_CORES), (8, PREFETCH)])
 def test_fused_nibble_gemv_reads_weights_exactly(batch, config):
     """One-hot inputs pick out single columns: one product per output, so the result must be the
     weight itself, bit for bit (a sum that starts at +0 gives +0 for -0, as cuBLAS does), in all
@@ -193,3 +196,25 @@ def test_nibble_rows_are_the_embedding_rows_bit_for_bit():
     ids = torch.tensor([[39, 0, 1], [2, 20, 39]])
     got = NibbleGemvWeight(codecllm.encode(table, "nibble")).rows(ids)
     assert torch.equal(bits(got), bits(torch.nn.functional.embedding(ids, table)))
+
+
+def test_fused_nibble_gemv_tile_with_more_escapes_than_its_slots(monkeypatch):
+    """The tensor-core kernel reads a tile's first escapes from fixed slots before its main loop
+    and the rest after it, a slot-width chunk at a time: a tile with 70 of them and 16 slots,
+    across split spans, must still read every weight exactly."""
+    from codecllm.codecs.kernels.gemv import EscapeTable, NibbleGemvWeight
+
+    monkeypatch.setattr(EscapeTable, "WIDTHS", (16,))
+    n, k = 16, 512
+    w = weights_with_escapes(n, k, seed=3)
+    w[5, ::8] = 1e-30  # 64 escapes in one row, 6 more in others
+    w[9, 100:106] = -3.0
+    fused = NibbleGemvWeight(codecllm.encode(w, "nibble"))
+    assert fused.escape_table.slots == 16 and fused.escapes > 4 * 16
+    for config in (None, (16, 64, 4, 2, True), PREFETCH):
+        for cols in (torch.arange(0, 64, 8), torch.tensor([100, 101, 102, 103, 104, 105, 256, 511])):
+            x = torch.zeros(cols.numel(), k, dtype=torch.bfloat16)
+            x[torch.arange(cols.numel()), cols] = 1.0
+            expected = w[:, cols].T.contiguous()
+            expected = torch.where(expected == 0, torch.zeros_like(expected), expected)
+            assert torch.equal(bits(fused(x, config=config)), bits(expected)), (config, cols)

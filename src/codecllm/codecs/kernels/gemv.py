@@ -7,20 +7,20 @@ Two kernels of one structure, so the comparison is like for like:
 
 Each program owns BLOCK_N rows and walks K in BK-wide tiles, keeping one fp32 partial sum per
 row and column slot, reduced once at the end: a reduction per tile would cost a cross-warp
-exchange and a barrier every iteration. Batches of 2-8: the plain kernel multiplies through
-`tl.dot` (tensor cores); the nibble kernel decodes each weight once and does B FMAs with it
-(batches up to 4), or decodes a tile to bf16 and hands it to `tl.dot` (`_nibble_rows_dot`).
-On tensor cores a program holds at least 16 rows, so a matrix of few rows leaves SMs idle:
-there K is split in spans (a second grid axis), each span's fp32 sums go to a workspace, and
-`_sum_splits_kernel` adds them in split order (the same result on every run, unlike atomics).
+exchange and a barrier every iteration. Batches of 2-8 run on tensor cores: the plain kernel
+through `tl.dot`, the nibble kernel decoding straight into the MMA's operand registers
+(`_nibble_rows_dot`: no shared memory in its loop, loads a loop turn ahead). On tensor cores a
+program holds at least 16 rows, so a matrix of few rows leaves SMs idle: there K is split in
+spans (a second grid axis), each span's fp32 sums go to a workspace, and `_sum_splits_kernel`
+adds them in split order (the same result on every run, unlike atomics).
 
 The nibble decode is integer-bound, so it works on 32-bit words: one load brings the
 sign+mantissa bytes of 4 consecutive weights, a 16-bit load their 4 codes, and each fp32
 weight is 2 shifts + 3 masks + 1 add away (bf16 is the top half of an fp32). Escaped weights
 (code 15) are not special-cased in the loop: the loop computes a known wrong value for them
-(code 15 read as exponent base + 15); afterwards a per-row list subtracts that product and adds
-the true one, from values computed exactly on the host. So the main loop has no compare and no
-select.
+(code 15 read as exponent base + 15); afterwards the product with that value is taken out and
+the true one put in, from values computed exactly on the host (per row at batch 1, per 16-row
+tile as two small MMAs on tensor cores). So the main loop has no compare and no select.
 The weight bits become fp32 by bit operations only, which is exact and also what Triton's CPU
 interpreter gets right.
 """
@@ -37,6 +37,7 @@ from codecllm.codecs.kernels_available import interpreting
 
 MAX_BATCH = 8
 ESCAPE = 15
+ESCAPE_TILE = 16  # rows a tensor-core program takes, and rows per tile of its escape table
 
 
 @triton.jit
@@ -72,8 +73,8 @@ def _nibble_rows(
     # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
     # divisibility (it specialises arguments divisible by 16), which is what lets it issue
     # 16-byte loads. EVEN: every tile is full (N % BLOCK_N == 0, K % BK == 0): no masks.
-    # Batches use the same loop with a batch dimension: each weight is decoded once and used in
-    # B FMAs (best up to batch 4; _nibble_rows_dot on tensor cores above).
+    # Batches can use the same loop with a batch dimension (a config with tensor cores off): each
+    # weight is decoded once and used in B FMAs; by default batches take _nibble_rows_dot.
     BW: tl.constexpr = BK // 4  # 32-bit words of sign+mantissa bytes per tile row
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -108,71 +109,201 @@ def _nibble_rows(
         acc4 += _nibble_weight(packed, packed_codes, base_bits, 3)[None] * _bf16_at(xw, 3)
     acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # (B_PAD, BLOCK_N)
     return _fix_escapes(acc, x, escape_row_ptr, escape_pairs, escape_values, rows, pid, N, stride_xb, B, B_PAD,
-                        BLOCK_N, 0, 0, False)
+                        BLOCK_N)
+
+
+@triton.jit
+def _bf16_pairs(words, codes, base2):
+    """The four weights of each 32-bit word of sign+mantissa bytes (b0..b3; `codes` holds their
+    exponent codes c0..c3 in bits 0-3, 4-7, 8-11, 12-15) as two bf16x2 words, (w0, w2) and (w1, w3),
+    low half first; base2 = base << 7 | base << 23.
+    Each byte is copied into both bytes of its half: [b0, b0, b2, b2] has w0's sign at bit 15 and
+    mantissa at bits 0-6, w2's at 31 and 16-22. (codes & 0x0F0F) * 0x8080 puts c0 at bits 7-10 and
+    c2 at 23-26 (its other copies land in bits 15-19, which the select takes from the bytes); adding
+    base2 there makes the exponents (code + base < 255: no carry leaves its field)."""
+    SIGN_MANTISSA: tl.constexpr = -0x7F807F81  # 0x807F807F
+    even = (words & 0x00FF00FF) * 0x101
+    odd = ((words >> 8) & 0x00FF00FF) * 0x101
+    exp_even = (codes & 0x0F0F) * 0x8080 + base2
+    exp_odd = (codes & 0xF0F0) * 0x808 + base2
+    return ((even & SIGN_MANTISSA) | (exp_even & ~SIGN_MANTISSA),
+            (odd & SIGN_MANTISSA) | (exp_odd & ~SIGN_MANTISSA))
+
+
+@triton.jit
+def _halves(pairs):
+    """[..., 2]: the low and high 16 bits of each 32-bit word."""
+    return tl.join(pairs & 0xFFFF, (pairs >> 16) & 0xFFFF)
+
+
+@triton.jit
+def _step_loads(word_ptr, code_ptr, x_ptr, row_words, x_words, o, rows, N, start, word, end, x_start, x_word,
+                batch_ok, EVEN: tl.constexpr):
+    """One MMA step's loads for _nibble_rows_dot, `o` words into each warp's columns: sign+mantissa
+    words, their codes, and x as two 16-byte pieces."""
+    if EVEN:
+        packed = tl.load(word_ptr + row_words + o)
+        packed_codes = tl.load(code_ptr + row_words + o).to(tl.int32)
+        lo_ok = batch_ok
+        hi_ok = batch_ok
+    else:
+        ok = (rows < N)[:, None] & (start[:, None] + o + word[None, :] < end)
+        packed = tl.load(word_ptr + row_words + o, mask=ok, other=0)
+        packed_codes = tl.load(code_ptr + row_words + o, mask=ok, other=0).to(tl.int32)
+        x_at = x_start[:, None] + o + x_word[None, :]
+        lo_ok = batch_ok & (x_at < end)
+        hi_ok = batch_ok & (x_at + 2 < end)
+    x_lo = tl.load(x_ptr + x_words + o, mask=lo_ok, other=0)
+    x_hi = tl.load(x_ptr + x_words + (o + 2), mask=hi_ok, other=0)
+    return packed, packed_codes, x_lo, x_hi
+
+
+@triton.jit
+def _step_mma(acc, packed, packed_codes, x_lo, x_hi, base2, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_FP32: tl.constexpr, WARPS: tl.constexpr):
+    """acc plus one MMA step of _nibble_rows_dot: the loaded words decoded into the operand
+    layout (see there), x permuted to the same K order."""
+    NT: tl.constexpr = BLOCK_N // 8
+    LANE_WORDS: tl.constexpr = 4
+    KQ: tl.constexpr = 16 * LANE_WORDS
+    even, odd = _bf16_pairs(packed, packed_codes, base2)
+    # [v, word, 2, 2] -> (q, word j, lane t, pair, half, nt, g) -> (q, K, BLOCK_N)
+    w = tl.reshape(tl.join(_halves(even), _halves(odd)).to(tl.int16), (NT, WARPS, 8, 4, LANE_WORDS, 2, 2))
+    w = tl.reshape(tl.permute(w, (1, 4, 3, 6, 5, 0, 2)), (WARPS, KQ, BLOCK_N)).to(tl.bfloat16, bitcast=True)
+    # x: [xv, 8, 2 (lo/hi load)] -> 4 bf16 each, in the weights' order (0, 2, 1, 3)
+    xw = tl.join(x_lo, x_hi)
+    xs = tl.join(tl.join(xw & 0xFFFF, (xw >> 32) & 0xFFFF), tl.join((xw >> 16) & 0xFFFF, (xw >> 48) & 0xFFFF))
+    xs = tl.reshape(xs.to(tl.int16), (WARPS, 8, 4, 2, 2, 2, 2))  # q, b, t, word, lo/hi, pos
+    xs = tl.reshape(tl.permute(xs, (0, 1, 4, 3, 2, 6, 5)), (WARPS, 8, KQ))
+    # the MMA's 16 rows: the batch's 8, then zeros
+    xs = tl.reshape(tl.permute(tl.join(xs, tl.zeros_like(xs)), (0, 3, 1, 2)), (WARPS, B_PAD, KQ))
+    xs = xs.to(tl.bfloat16, bitcast=True)
+    if DOT_FP32:
+        return tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(xs, w, acc)
 
 
 @triton.jit
 def _nibble_rows_dot(
-    x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, pid,
-    N, words_per_row, base, stride_xw, stride_xb, span,
+    x, sign_mantissa, codes, escapes, slots, pid,
+    N, words_per_row, base, stride_xw, stride_xb, span, warp_words,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr,
 ):
-    """_nibble_rows for batches of 2-8, over columns [span * s, span * (s + 1)) for split s (axis 1
-    of the grid), on tensor cores (tl.dot; B_PAD = 16, its least width).
-    A dot product may take its terms in any order, so each (BLOCK_N, BK) tile is taken as two
-    halves, its even and its odd columns: one 16-bit load brings the sign+mantissa bytes of an
-    even/odd pair and one byte their two codes (low nibble even, high odd), so both halves are
-    decoded elementwise from tiles of one shape, straight into bf16 bits, with no reshuffle; x
-    is read as 32-bit words and split the same way. Escapes as in _nibble_rows. DOT_FP32 (the
-    interpreter, whose bf16 arithmetic is wrong) multiplies in fp32."""
-    HALF: tl.constexpr = BK // 2
+    """_nibble_rows for batches of 2-8 on tensor cores (mma.sync through tl.dot), over columns
+    [span * s, span * (s + 1)) for split s (axis 1 of the grid), which the WARPS warps cut in
+    WARPS equal parts: warp q sums its part of every row of the tile, a batched tl.dot with one
+    batch per warp, and the parts are added once at the end. Returns fp32 (B_PAD = 16, BLOCK_N).
+
+    Decoded weights go straight from registers into the MMA, with no trip through shared memory:
+    a dot product takes its terms in any order, so the K order is chosen to suit the hardware.
+    Triton's MMA operand layout gives each lane 4 consecutive K positions per 16 (kWidth 4): lanes
+    t = 0..3 of a group of 4 take 4 words each, laid out as 16 contiguous words of the row (one
+    16-byte load), and word j of lane t holds K positions 4t + 16j + (0, 2, 1, 3) for its weights
+    (0, 1, 2, 3), the order _bf16_pairs packs them in. x is read in the same order. The tiles are
+    2-D (rows, words) with contiguity hints, so Triton's coalescing gives every Triton version the
+    same load layout: the register layout of the operand, up to a reordering of registers (checked
+    on the SASS: no shared memory, no barrier in the loop). BK (a multiple of 64) is the columns a
+    warp takes per loop step.
+
+    Escapes: the loop takes each at its code-15 value; the tile's escape table (EscapeTable) is
+    read before the loop, so its latency hides behind it, and applied after it as two more MMAs
+    (_escape_dot). BLOCK_N is ESCAPE_TILE: a program is one tile of the table."""
+    NT: tl.constexpr = BLOCK_N // 8  # groups of 8 rows (the MMA's N)
+    LANE_WORDS: tl.constexpr = 4
+    ROW_WORDS: tl.constexpr = 4 * LANE_WORDS  # words of a row a warp reads per MMA step (64 columns)
+    STEPS: tl.constexpr = BK // (4 * ROW_WORDS)
+    # warp_words = span / 4 / WARPS, an argument: Triton then knows its divisibility (16-byte loads)
     split = tl.program_id(1)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    first = split * WARPS * warp_words
+    end = tl.minimum(first + WARPS * warp_words, words_per_row)
+    # tile rows v = (group nt, warp q, row g of 8): 8 lanes down, warps, then registers
+    v = tl.arange(0, NT * WARPS * 8)
+    rows = pid * BLOCK_N + 8 * (v // (8 * WARPS)) + v % 8
+    start = first + ((v // 8) % WARPS) * warp_words
+    word = tl.max_contiguous(tl.arange(0, ROW_WORDS), LANE_WORDS)
+    row_words = rows.to(tl.int64)[:, None] * words_per_row + start[:, None] + word[None, :]
+    word_ptr = sign_mantissa.to(tl.pointer_type(tl.int32))
+    code_ptr = codes.to(tl.pointer_type(tl.uint16))
+    # x: rows (warp q, batch row b of 8), 2 x 8 64-bit words (4 bf16 each: the inputs of one weight
+    # word); lane t reads words 4t, 4t + 1 and then 4t + 2, 4t + 3 (16 bytes each)
+    xv = tl.arange(0, WARPS * 8)
+    batch_ok = (xv % 8 < B)[:, None]
+    x_start = first + (xv // 8) * warp_words
+    x_word = tl.max_contiguous(4 * (tl.arange(0, 8) // 2) + tl.arange(0, 8) % 2, 2)
+    x_words = (xv % 8 * stride_xw + x_start)[:, None] + x_word[None, :]
+    x_ptr = x.to(tl.pointer_type(tl.uint64))
+    base2 = (base << 7) | (base << 23)
+    # The tile's escapes: issued before the loop, used after it (read after it, ~10 per tile of
+    # 16 x 4096 one by one, they were a chain of dependent loads as long as the loop).
+    slot = tl.arange(0, SLOTS)
+    tile_escapes = tl.load(escapes + pid * slots + slot, mask=slot < slots, other=0)
+    tiles = tl.cdiv(N, BLOCK_N)
+    overflow = escapes + tiles * slots  # row pointer of the escapes beyond the slots, then those
+    first_extra = tl.load(overflow + pid)
+    last_extra = tl.load(overflow + pid + 1)
+    acc = tl.zeros((WARPS, B_PAD, BLOCK_N), dtype=tl.float32)
+    if STEPS == 2:
+        # Loads run one loop turn ahead: the next turn's words are in flight while this turn's are
+        # decoded (without it warps mostly wait on memory: ncu's long-scoreboard stalls).
+        a0, a1, a2, a3 = _step_loads(word_ptr, code_ptr, x_ptr, row_words, x_words, 0, rows, N, start, word,
+                                     end, x_start, x_word, batch_ok, EVEN)
+        b0, b1, b2, b3 = _step_loads(word_ptr, code_ptr, x_ptr, row_words, x_words, ROW_WORDS, rows, N, start,
+                                     word, end, x_start, x_word, batch_ok, EVEN)
+        for w0 in range(0, warp_words, 2 * ROW_WORDS):
+            # the last turn loads itself again (cached, unused) instead of masking every turn
+            ahead = tl.minimum(w0 + 2 * ROW_WORDS, warp_words - 2 * ROW_WORDS)
+            c0, c1, c2, c3 = _step_loads(word_ptr, code_ptr, x_ptr, row_words, x_words, ahead, rows, N, start, word,
+                                         end, x_start, x_word, batch_ok, EVEN)
+            d0, d1, d2, d3 = _step_loads(word_ptr, code_ptr, x_ptr, row_words, x_words, ahead + ROW_WORDS, rows, N,
+                                         start, word, end, x_start, x_word, batch_ok, EVEN)
+            acc = _step_mma(acc, a0, a1, a2, a3, base2, B_PAD, BLOCK_N, DOT_FP32, WARPS)
+            acc = _step_mma(acc, b0, b1, b2, b3, base2, B_PAD, BLOCK_N, DOT_FP32, WARPS)
+            a0, a1, a2, a3 = c0, c1, c2, c3
+            b0, b1, b2, b3 = d0, d1, d2, d3
+    else:
+        for w0 in range(0, warp_words, ROW_WORDS * STEPS):
+            for step in tl.static_range(STEPS):
+                a0, a1, a2, a3 = _step_loads(word_ptr, code_ptr, x_ptr, row_words, x_words, w0 + step * ROW_WORDS,
+                                             rows, N, start, word, end, x_start, x_word, batch_ok, EVEN)
+                acc = _step_mma(acc, a0, a1, a2, a3, base2, B_PAD, BLOCK_N, DOT_FP32, WARPS)
+    lo, hi = split * span, split * span + span
+    acc = _escape_dot(tl.sum(acc, axis=0), x, tile_escapes, lo, hi, stride_xb, B, B_PAD, BLOCK_N, DOT_FP32)
+    for e0 in range(first_extra, last_extra, SLOTS):  # rare: more escapes than slots
+        extra = e0 + slot
+        tile_escapes = tl.load(overflow + tiles + 1 + extra, mask=extra < last_extra, other=0)
+        acc = _escape_dot(acc, x, tile_escapes, lo, hi, stride_xb, B, B_PAD, BLOCK_N, DOT_FP32)
+    return acc
+
+
+@triton.jit
+def _escape_dot(acc, x, packed, lo, hi, stride_xb, B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_FP32: tl.constexpr):
+    """acc (B_PAD, BLOCK_N) with the escapes `packed` (EscapeTable entries, 0 for none) of
+    columns [lo, hi) corrected: x times each's loop value taken out, then x times its true value
+    added, as two MMAs of x's escaped columns (B_PAD, SLOTS) with a matrix (SLOTS, BLOCK_N) that
+    holds each escape's value in its row's column and zeros elsewhere. Exact products, as in the
+    loop's MMAs; out first, then in (see _fix_escapes). BLOCK_N = ESCAPE_TILE."""
+    where = packed.to(tl.int32)
+    values = (packed >> 32).to(tl.int32)
+    col = where // BLOCK_N
+    take = (values != 0) & (col >= lo) & (col < hi)
     batch = tl.arange(0, B_PAD)
-    batch_ok = batch < B
-    pairs_per_row = words_per_row * 2  # from the argument, so Triton knows its divisibility
-    row_pairs = rows.to(tl.int64)[:, None] * pairs_per_row
-    rest_ptr = sign_mantissa.to(tl.pointer_type(tl.uint16))
-    x_ptr = x.to(tl.pointer_type(tl.uint32))  # stride_xw counts 64-bit words: 2 * stride_xw pairs a row
-    base_bits = base << 7
-    acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
-    for p0 in range(split * (span // 2), tl.minimum(split * (span // 2) + span // 2, pairs_per_row), HALF):
-        pairs = p0 + tl.arange(0, HALF)
-        if EVEN:
-            rest = tl.load(rest_ptr + row_pairs + pairs[None, :]).to(tl.int32)
-            packed = tl.load(codes + row_pairs + pairs[None, :]).to(tl.int32)
-            xt = tl.load(x_ptr + batch[None, :] * (2 * stride_xw) + pairs[:, None], mask=batch_ok[None, :], other=0)
-        else:
-            ok = row_ok[:, None] & (pairs < pairs_per_row)[None, :]
-            rest = tl.load(rest_ptr + row_pairs + pairs[None, :], mask=ok, other=0).to(tl.int32)
-            packed = tl.load(codes + row_pairs + pairs[None, :], mask=ok, other=0).to(tl.int32)
-            xt = tl.load(x_ptr + batch[None, :] * (2 * stride_xw) + pairs[:, None],
-                         mask=batch_ok[None, :] & (pairs < pairs_per_row)[:, None], other=0)
-        # nibble_bf16_bits of each half, written out: through the helper (masking the pair's
-        # bytes apart first) the loop took ~60 more SASS instructions a tile step
-        even = ((rest & 0x80) << 8) | (((packed & 15) << 7) + base_bits) | (rest & 0x7F)
-        odd = (rest & 0x8000) | (((packed >> 4) << 7) + base_bits) | ((rest >> 8) & 0x7F)
-        w_even = even.to(tl.int16).to(tl.bfloat16, bitcast=True)
-        w_odd = odd.to(tl.int16).to(tl.bfloat16, bitcast=True)
-        x_even = (xt & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        x_odd = (xt >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        if DOT_FP32:
-            acc = tl.dot(w_even.to(tl.float32), x_even.to(tl.float32), acc, input_precision="ieee")
-            acc = tl.dot(w_odd.to(tl.float32), x_odd.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w_even, x_even, acc)
-            acc = tl.dot(w_odd, x_odd, acc)
-    return _fix_escapes(tl.trans(acc), x, escape_row_ptr, escape_pairs, escape_values, rows, pid, N, stride_xb, B,
-                        B_PAD, BLOCK_N, split * span, split * span + span, True)
+    xs = tl.load(x + batch[:, None] * stride_xb + col[None, :], mask=(batch < B)[:, None] & take[None, :], other=0)
+    hit = ((where & (BLOCK_N - 1))[:, None] == tl.arange(0, BLOCK_N)[None, :]) & take[:, None]
+    taken_out = tl.where(hit, (values & 0xFFFF)[:, None], 0).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    put_in = tl.where(hit, ((values >> 16) & 0xFFFF)[:, None], 0).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    if DOT_FP32:
+        acc = tl.dot(xs.to(tl.float32), taken_out.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(xs.to(tl.float32), put_in.to(tl.float32), acc, input_precision="ieee")
+    acc = tl.dot(xs, taken_out, acc)
+    return tl.dot(xs, put_in, acc)
 
 
 @triton.jit
 def _fix_escapes(acc, x, escape_row_ptr, escape_pairs, escape_values, rows, pid, N, stride_xb,
-                 B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, lo, hi, SPAN: tl.constexpr):
-    """acc (B_PAD, BLOCK_N) computed with each escaped weight at its code-15 value: correct each
-    (SPAN: only those of columns [lo, hi); with split K each split corrects its own span)."""
+                 B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc (B_PAD, BLOCK_N) computed with each escaped weight at its code-15 value: correct each."""
     batch = tl.arange(0, B_PAD)
     batch_ok = batch < B
     first = tl.load(escape_row_ptr + pid * BLOCK_N)
@@ -183,13 +314,11 @@ def _fix_escapes(acc, x, escape_row_ptr, escape_pairs, escape_values, rows, pid,
         true_value = tl.load(escape_values + 2 * e)
         loop_value = tl.load(escape_values + 2 * e + 1)
         xv = tl.load(x + batch * stride_xb + col_e, mask=batch_ok, other=0).to(tl.float32)[:, None]
-        hit = rows == row
-        if SPAN:
-            hit = hit & (col_e >= lo) & (col_e < hi)
-        hit = hit[None, :]
+        hit = (rows == row)[None, :]
         # Take the loop's product out before adding the true one: (true - loop) * x in one step
         # would round a tiny escaped weight away next to the loop's much larger value (and so
-        # would a correction in another split than the one whose sum holds the loop's product).
+        # would, with split K, a correction in another split than the one whose sum holds the
+        # loop's product: _escape_dot takes only its split's columns).
         acc -= tl.where(hit, loop_value * xv, 0.0)
         acc += tl.where(hit, true_value * xv, 0.0)
     return acc
@@ -225,15 +354,16 @@ def _emit(out, partials, acc, up, pid, N, stride_ob, stride_pb, B: tl.constexpr,
 
 @triton.jit
 def _nibble_block(
-    x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, pid,
-    N, words_per_row, base, stride_xw, stride_xb, span,
+    x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, escapes, slots, pid,
+    N, words_per_row, base, stride_xw, stride_xb, span, warp_words,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr,
 ):
+    """One program's rows of one matrix: escapes by row for the CUDA-core loop (batch 1), by
+    16-row tile (`escapes`, `slots`: an EscapeTable) for the tensor-core one."""
     if USE_DOT:
-        acc = _nibble_rows_dot(x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, pid, N,
-                               words_per_row, base, stride_xw, stride_xb, span, B, B_PAD, BLOCK_N, BK, EVEN,
-                               DOT_FP32)
+        acc = _nibble_rows_dot(x, sign_mantissa, codes, escapes, slots, pid, N, words_per_row, base, stride_xw,
+                               stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, DOT_FP32, WARPS, SLOTS)
     else:
         acc = _nibble_rows(x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, pid, N,
                            words_per_row, base, stride_xw, stride_xb, B, B_PAD, BLOCK_N, BK, EVEN)
@@ -243,44 +373,48 @@ def _nibble_block(
 @triton.jit(do_not_specialize=["base0", "base1", "base2"])
 def _nibble_kernel(
     x, out, partials,
-    sm0, codes0, erp0, ep0, ev0, base0, n0,
-    sm1, codes1, erp1, ep1, ev1, base1, n1,
-    sm2, codes2, erp2, ep2, ev2, base2, n2,
-    p1, p2, span, words_per_row, stride_xw, stride_xb, stride_ob, stride_pb,
+    sm0, codes0, erp0, ep0, ev0, et0, es0, base0, n0,
+    sm1, codes1, erp1, ep1, ev1, et1, es1, base1, n1,
+    sm2, codes2, erp2, ep2, ev2, et2, es2, base2, n2,
+    p1, p2, span, warp_words, words_per_row, stride_xw, stride_xb, stride_ob, stride_pb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr,
 ):
     # Up to three matrices of the same input width in one launch (q/k/v): programs [0, p1) take
     # matrix 0, [p1, p2) matrix 1, the rest matrix 2, each writing its own columns of `out`.
     # GATED: programs take the same rows of matrices 0 and 1 (gate, up) and store silu(g) * u.
     # Each branch inlines the row loop with its own pointers, so every load keeps the alignment
-    # Triton knows for its arguments.
+    # Triton knows for its arguments. Per matrix: sign+mantissa, codes, escapes by row (row
+    # pointer, pairs, values), escapes by tile (table, slots), window base, rows.
     pid = tl.program_id(0)
     if GATED:
-        gate = _nibble_block(x, sm0, codes0, erp0, ep0, ev0, pid, n0, words_per_row, base0, stride_xw, stride_xb, span,
-                             B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32)
-        up = _nibble_block(x, sm1, codes1, erp1, ep1, ev1, pid, n0, words_per_row, base1, stride_xw, stride_xb, span,
-                           B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32)
+        gate = _nibble_block(x, sm0, codes0, erp0, ep0, ev0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
+                             stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS)
+        up = _nibble_block(x, sm1, codes1, erp1, ep1, ev1, et1, es1, pid, n0, words_per_row, base1, stride_xw,
+                           stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS)
         _emit(out, partials, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT)
     else:
         # The segment of this program; the branches below are pruned to SEGMENTS at compile time
         # (p1, p2 = the grid size where a segment is absent).
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
         if seg == 0:
-            acc = _nibble_block(x, sm0, codes0, erp0, ep0, ev0, pid, n0, words_per_row, base0, stride_xw,
-                                stride_xb, span, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32)
+            acc = _nibble_block(x, sm0, codes0, erp0, ep0, ev0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
+                                stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
+                                SLOTS)
             _emit(out, partials, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT)
         if SEGMENTS >= 2:
             if seg == 1:
-                acc = _nibble_block(x, sm1, codes1, erp1, ep1, ev1, pid - p1, n1, words_per_row, base1, stride_xw,
-                                     stride_xb, span, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32)
+                acc = _nibble_block(x, sm1, codes1, erp1, ep1, ev1, et1, es1, pid - p1, n1, words_per_row, base1,
+                                    stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
+                                    DOT_FP32, WARPS, SLOTS)
                 _emit(out + n0, partials + n0, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False,
                       SPLIT)
         if SEGMENTS == 3:
             if seg == 2:
-                acc = _nibble_block(x, sm2, codes2, erp2, ep2, ev2, pid - p2, n2, words_per_row, base2, stride_xw,
-                                     stride_xb, span, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32)
+                acc = _nibble_block(x, sm2, codes2, erp2, ep2, ev2, et2, es2, pid - p2, n2, words_per_row, base2,
+                                    stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
+                                    DOT_FP32, WARPS, SLOTS)
                 _emit(out + n0 + n1, partials + n0 + n1, acc, acc, pid - p2, n2, stride_ob, stride_pb, B, B_PAD,
                       BLOCK_N, False, SPLIT)
 
@@ -368,42 +502,51 @@ def _sum_splits_kernel(partials, out, N, stride_pb, stride_ob, B: tl.constexpr, 
     _store_result(out + b * stride_ob + cols, acc, up, ok, GATED)
 
 
-def _config(n: int, k: int, batch: int, nibble: bool) -> tuple[int, int, int, int, bool]:
-    """(BLOCK_N, BK, num_warps, splits of K, tensor cores), from the sweeps in benchmarks/gemv.py
-    on an H100 (`--sweep`, `--sweep-batch`)."""
+def _config(n: int, k: int, batch: int, nibble: bool) -> tuple:
+    """(BLOCK_N, BK, num_warps, splits of K, tensor cores[, pipeline stages]), from the sweeps in
+    benchmarks/gemv.py on an H100 (`--sweep`, `--sweep-batch`)."""
     if batch == 1:
         if nibble:
             block_n, bk, warps = (1, 2048, 4) if n < 2048 else (1, 1024, 2) if n < 4096 else (1, 1024, 1)
             return block_n, bk, warps, 1, False
         return (2, 2048, 8, 1, False) if k >= 2048 else (1, 1024, 4, 1, False)
-    if nibble and batch <= 4 and n < 16384:  # CUDA cores: each weight decoded once, then B FMAs
-        return 4, 512, 2 if n * k >= 16 << 20 else 4, 1, False
+    if nibble:  # tensor cores: 16 rows a program, two MMA steps a loop turn, loads a turn ahead in
+        # registers (stages=1: Triton's own pipelining goes through shared memory, slower here);
+        # K split where rows are few, 8 warps sharing K where K is long and rows few
+        programs = triton.cdiv(n, 16)
+        return 16, 128, 8 if k >= 5000 and programs <= 256 else 4, 4 if programs < 100 else 1, True, 1
     # tensor cores; K split in spans (summed by a second kernel) where rows alone leave SMs idle
-    block_n = (16 if n <= 2048 else 32) if nibble else 64
-    programs = triton.cdiv(n, block_n)
-    few = 64 if nibble else 16  # row programs at or under which 8 spans paid
-    splits = 8 if programs <= few else 4 if programs < 256 and (nibble or k > 4096) else 1
-    return block_n, 128 if nibble or programs >= 200 else 256, 4, splits, True
+    programs = triton.cdiv(n, 64)
+    splits = 8 if programs <= 16 else 4 if programs < 256 and k > 4096 else 1
+    return 64, 128 if programs >= 200 else 256, 4, splits, True
 
 
 def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
     """segments: one argument tuple per matrix, ending with its row count N."""
     batch = x2d.shape[0]
     rows = [segment[-1] for segment in segments]
-    block_n, bk, warps, splits, use_dot = config or _config(sum(rows), k, batch, nibble)
+    block_n, bk, warps, splits, use_dot, *extra = config or _config(sum(rows), k, batch, nibble)
+    stages, maxnreg = (extra + [3, None][len(extra):])[:2]  # optional: pipeline stages, register cap
     # tensor cores for batches (the plain kernel's CUDA-core loop takes one row only)
     use_dot = batch > 1 and (use_dot or not nibble)
     if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
         block_n, bk = max(block_n, 16), max(bk, 16)
     else:
         splits = 1  # CUDA cores: batch 1 fills the GPU with rows, and _nibble_rows takes no span
-    span = triton.cdiv(triton.cdiv(k, splits), bk) * bk  # columns a split takes, whole tiles
+    if nibble and use_dot:  # one 16-row tile of the escape tables a program, K in MMA steps of 64 columns a warp
+        block_n, bk = ESCAPE_TILE, triton.cdiv(bk, 64) * 64
+    # columns a split takes: whole tiles (the nibble MMA kernel's warps each take bk columns a tile)
+    tile = bk * warps if nibble and use_dot else bk
+    span = triton.cdiv(triton.cdiv(k, splits), tile) * tile
     splits = triton.cdiv(k, span)
     flags = {"B_PAD": 16 if use_dot else triton.next_power_of_2(batch), "USE_DOT": use_dot,
              "DOT_FP32": interpreting()}
     if nibble:
-        scalars = (k // 4, x2d.stride(0) // 4)  # words per row, x's row stride in 64-bit words
-        flags["EVEN"] = all(n % block_n == 0 for n in rows) and k % bk == 0
+        # words a warp of the MMA kernel takes per split, words per row, x's row stride in 64-bit words
+        scalars = (span // 4 // warps if use_dot else 0, k // 4, x2d.stride(0) // 4)
+        flags["EVEN"] = all(n % block_n == 0 for n in rows) and k % (span if use_dot else bk) == 0
+        flags["WARPS"] = warps
+        flags["SLOTS"] = max(segment[6] for segment in segments) if use_dot else 16  # the tables' widest
     else:
         scalars = (k,)
     programs = [triton.cdiv(n, block_n) for n in rows]
@@ -418,7 +561,7 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
     kernel[(grid, splits)](
         x2d, out, partials, *[arg for segment in padded for arg in segment], *starts, span, *scalars, x2d.stride(0),
         out.stride(0), partials.stride(-2), B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps,
-        SEGMENTS=len(segments), GATED=gated, SPLIT=splits, **flags,
+        num_stages=stages, maxnreg=maxnreg, SEGMENTS=len(segments), GATED=gated, SPLIT=splits, **flags,
     )
     if splits > 1:
         block = 1024
@@ -460,8 +603,8 @@ def gemv_group(x: torch.Tensor, weights, gated: bool = False, config=None,
     n = shapes[0][0] if gated else sum(s[0] for s in shapes)
     out = torch.empty(x2d.shape[0], n, dtype=out_dtype or x.dtype, device=x.device)
     if nibble:
-        segments = [(w.sign_mantissa, w.codes, w.row_ptr, w.escape_pairs, w.escape_values, w.base, w.shape[0])
-                    for w in weights]
+        segments = [(w.sign_mantissa, w.codes, w.row_ptr, w.escape_pairs, w.escape_values, w.escape_table.entries,
+                     w.escape_table.slots, w.base, w.shape[0]) for w in weights]
         _launch(_nibble_kernel, x2d, segments, k, out, config, True, gated)
     else:
         segments = [(w.contiguous(), w.shape[0]) for w in weights]
@@ -487,10 +630,42 @@ def _as_fp32(bits: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
 
 
+class EscapeTable:
+    """A matrix's escapes grouped by tile of ESCAPE_TILE rows, for the tensor-core kernel: one
+    int64 buffer `entries` holding, per tile, `slots` entries (the tile's first escapes, then
+    zeros), then a row pointer over tiles (tiles + 1 entries) of the escapes that did not fit,
+    then those. An entry packs col << 4 | row % 16 in its low 32 bits and two bf16 patterns in its
+    high 32: the loop's value for the escape with its sign flipped (low half) and the true value.
+    `slots` is the smallest of 16, 32, 64, 128 that leaves at most 1% of the escapes outside."""
+
+    WIDTHS = (16, 32, 64, 128)
+
+    def __init__(self, n: int, rows: torch.Tensor, cols: torch.Tensor, taken_out: torch.Tensor,
+                 put_in: torch.Tensor):
+        device = rows.device
+        tiles = triton.cdiv(n, ESCAPE_TILE)
+        tile = rows // ESCAPE_TILE
+        count = torch.bincount(tile, minlength=tiles)
+        rank = torch.arange(rows.numel(), device=device) - (torch.cumsum(count, 0) - count)[tile]
+        over = [int((count - w).clamp(min=0).sum()) for w in self.WIDTHS]
+        self.slots = next((w for w, o in zip(self.WIDTHS, over) if o <= rows.numel() // 100), self.WIDTHS[-1])
+        low = cols * ESCAPE_TILE + rows % ESCAPE_TILE
+        high = (put_in << 16) | taken_out
+        packed = torch.stack([low, torch.where(high >= 2**31, high - 2**32, high)], dim=1).to(torch.int32)
+        packed = packed.view(torch.int64).view(-1)
+        fits = rank < self.slots
+        table = torch.zeros(tiles * self.slots, dtype=torch.int64, device=device)
+        table[tile[fits] * self.slots + rank[fits]] = packed[fits]
+        extra = torch.zeros(tiles + 1, dtype=torch.int64, device=device)
+        extra[1:] = torch.cumsum((count - self.slots).clamp(min=0), 0)
+        self.entries = torch.cat([table, extra, packed[~fits]])
+
+
 class NibbleGemvWeight:
     """A `nibble` EncodedTensor of shape (N, K), K divisible by 4, laid out for the fused GEMV:
-    the codec's own buffers (no copy) plus the escapes regrouped by row (row pointer,
-    (row, col) pairs, and per escape its true fp32 value and the value the loop computes)."""
+    the codec's own buffers (no copy) plus the escapes regrouped by row for the batch-1 loop (row
+    pointer, (row, col) pairs, and per escape its true fp32 value and the value the loop computes)
+    and by 16-row tile for the tensor-core loop (EscapeTable)."""
 
     def __init__(self, encoded):
         from codecllm.codecs.nibble import NibbleCodec
@@ -510,10 +685,17 @@ class NibbleGemvWeight:
         self.escape_values = torch.stack([_as_fp32(true_bits), _as_fp32(loop_bits)], dim=1).reshape(-1).contiguous()
         self.escape_pairs = torch.stack([rows, cols], dim=1).reshape(-1).contiguous()
         self.row_ptr = torch.searchsorted(rows, torch.arange(n + 1, device=rows.device)).to(torch.int64)
+        self.escape_table = EscapeTable(n, rows, cols, (loop_bits >> 16) ^ 0x8000, true_bits >> 16)
 
     @property
     def escapes(self) -> int:
         return self.escape_pairs.numel() // 2
+
+    @property
+    def extra_nbytes(self) -> int:
+        """Bytes held beyond the codec's own buffers: the escapes regrouped for the kernels."""
+        return sum(t.numel() * t.element_size() for t in (self.row_ptr, self.escape_pairs, self.escape_values,
+                                                           self.escape_table.entries))
 
     def __call__(self, x: torch.Tensor, config=None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x (..., K) bf16 -> (..., N) in x's dtype (or `out_dtype`: fp32 skips the final rounding)."""
