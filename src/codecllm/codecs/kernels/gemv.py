@@ -11,8 +11,8 @@ exchange and a barrier every iteration. Batches of 2-8 run on tensor cores: the 
 through `tl.dot`, the nibble kernel decoding straight into the MMA's operand registers
 (`_nibble_rows_dot`: no shared memory in its loop, loads a loop turn ahead). On tensor cores a
 program holds at least 16 rows, so a matrix of few rows leaves SMs idle: there K is split in
-spans (a second grid axis), each span's fp32 sums go to a workspace, and `_sum_splits_kernel`
-adds them in split order (the same result on every run, unlike atomics).
+spans (a second grid axis), each span's fp32 sums go to a workspace, and the last span of a row
+block to finish adds them in split order (the same result on every run, unlike atomic adds).
 
 The nibble decode is integer-bound, so it works on 32-bit words: one load brings the
 sign+mantissa bytes of 4 consecutive weights, a 16-bit load their 4 codes, and each fp32
@@ -335,11 +335,13 @@ def _store_result(where, acc, up, ok, GATED: tl.constexpr):
 
 
 @triton.jit
-def _emit(out, partials, acc, up, pid, N, stride_ob, stride_pb, B: tl.constexpr, B_PAD: tl.constexpr,
+def _emit(out, partials, counters, acc, up, pid, N, stride_ob, stride_pb, B: tl.constexpr, B_PAD: tl.constexpr,
           BLOCK_N: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr):
     """Store (B_PAD, BLOCK_N) results at rows pid * BLOCK_N... (_store_result). With SPLIT > 1
-    this program's fp32 sums go to its split's slice of `partials` instead (up beside acc, N
-    columns on), for _sum_splits_kernel."""
+    this program's fp32 sums go to its split's slice of `partials` (up beside acc, N columns on),
+    and the last of the SPLIT programs of these rows to get there adds the slices up in split
+    order (the same result on every run, unlike atomic adds) and stores the result: no second
+    launch. `counters` (one int32 per program of axis 0, zero between launches) counts arrivals."""
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     batch = tl.arange(0, B_PAD)
     ok = (batch < B)[:, None] & (rows < N)[None, :]
@@ -348,6 +350,18 @@ def _emit(out, partials, acc, up, pid, N, stride_ob, stride_pb, B: tl.constexpr,
         tl.store(where, acc, mask=ok)
         if GATED:
             tl.store(where + N, up, mask=ok)
+        tl.debug_barrier()  # all the program's stores before its release below
+        arrived = tl.atomic_add(counters + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+            up = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT):  # from L2 (.cg): other SMs wrote them
+                at = partials + (s * B + batch[:, None]) * stride_pb + rows[None, :]
+                acc += tl.load(at, mask=ok, other=0, cache_modifier=".cg")
+                if GATED:
+                    up += tl.load(at + N, mask=ok, other=0, cache_modifier=".cg")
+            _store_result(out + batch[:, None] * stride_ob + rows[None, :], acc, up, ok, GATED)
+            tl.atomic_xchg(counters + tl.program_id(0), 0)  # zero again for the next launch
     else:
         _store_result(out + batch[:, None] * stride_ob + rows[None, :], acc, up, ok, GATED)
 
@@ -372,7 +386,7 @@ def _nibble_block(
 
 @triton.jit(do_not_specialize=["base0", "base1", "base2"])
 def _nibble_kernel(
-    x, out, partials,
+    x, out, partials, counters,
     sm0, codes0, erp0, ep0, ev0, et0, es0, base0, n0,
     sm1, codes1, erp1, ep1, ev1, et1, es1, base1, n1,
     sm2, codes2, erp2, ep2, ev2, et2, es2, base2, n2,
@@ -393,7 +407,7 @@ def _nibble_kernel(
                              stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS)
         up = _nibble_block(x, sm1, codes1, erp1, ep1, ev1, et1, es1, pid, n0, words_per_row, base1, stride_xw,
                            stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS)
-        _emit(out, partials, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT)
+        _emit(out, partials, counters, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT)
     else:
         # The segment of this program; the branches below are pruned to SEGMENTS at compile time
         # (p1, p2 = the grid size where a segment is absent).
@@ -402,21 +416,21 @@ def _nibble_kernel(
             acc = _nibble_block(x, sm0, codes0, erp0, ep0, ev0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
                                 stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
                                 SLOTS)
-            _emit(out, partials, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT)
+            _emit(out, partials, counters, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT)
         if SEGMENTS >= 2:
             if seg == 1:
                 acc = _nibble_block(x, sm1, codes1, erp1, ep1, ev1, et1, es1, pid - p1, n1, words_per_row, base1,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
                                     DOT_FP32, WARPS, SLOTS)
-                _emit(out + n0, partials + n0, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False,
-                      SPLIT)
+                _emit(out + n0, partials + n0, counters, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD,
+                      BLOCK_N, False, SPLIT)
         if SEGMENTS == 3:
             if seg == 2:
                 acc = _nibble_block(x, sm2, codes2, erp2, ep2, ev2, et2, es2, pid - p2, n2, words_per_row, base2,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
                                     DOT_FP32, WARPS, SLOTS)
-                _emit(out + n0 + n1, partials + n0 + n1, acc, acc, pid - p2, n2, stride_ob, stride_pb, B, B_PAD,
-                      BLOCK_N, False, SPLIT)
+                _emit(out + n0 + n1, partials + n0 + n1, counters, acc, acc, pid - p2, n2, stride_ob, stride_pb, B,
+                      B_PAD, BLOCK_N, False, SPLIT)
 
 
 @triton.jit
@@ -456,7 +470,7 @@ def _plain_rows(
 
 @triton.jit
 def _plain_kernel(
-    x, out, partials, w0, n0, w1, n1, w2, n2, p1, p2, span, K, stride_xb, stride_ob, stride_pb,
+    x, out, partials, counters, w0, n0, w1, n1, w2, n2, p1, p2, span, K, stride_xb, stride_ob, stride_pb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -466,40 +480,22 @@ def _plain_kernel(
     if GATED:
         gate = _plain_rows(x, w0, pid, n0, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
         up = _plain_rows(x, w1, pid, n0, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-        _emit(out, partials, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT)
+        _emit(out, partials, counters, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT)
     else:
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
         if seg == 0:
             acc = _plain_rows(x, w0, pid, n0, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-            _emit(out, partials, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT)
+            _emit(out, partials, counters, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT)
         if SEGMENTS >= 2:
             if seg == 1:
                 acc = _plain_rows(x, w1, pid - p1, n1, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-                _emit(out + n0, partials + n0, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False,
-                      SPLIT)
+                _emit(out + n0, partials + n0, counters, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD,
+                      BLOCK_N, False, SPLIT)
         if SEGMENTS == 3:
             if seg == 2:
                 acc = _plain_rows(x, w2, pid - p2, n2, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-                _emit(out + n0 + n1, partials + n0 + n1, acc, acc, pid - p2, n2, stride_ob, stride_pb, B, B_PAD,
-                      BLOCK_N, False, SPLIT)
-
-
-@triton.jit
-def _sum_splits_kernel(partials, out, N, stride_pb, stride_ob, B: tl.constexpr, SPLIT: tl.constexpr,
-                       BLOCK: tl.constexpr, GATED: tl.constexpr):
-    """out[b, :N] = the SPLIT partial sums added in split order (the same result on every run),
-    stored by _store_result (GATED: gate and up side by side in `partials`)."""
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    b = tl.program_id(1)
-    ok = cols < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    up = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        where = partials + (s * B + b) * stride_pb + cols
-        acc += tl.load(where, mask=ok, other=0)
-        if GATED:
-            up += tl.load(where + N, mask=ok, other=0)
-    _store_result(out + b * stride_ob + cols, acc, up, ok, GATED)
+                _emit(out + n0 + n1, partials + n0 + n1, counters, acc, acc, pid - p2, n2, stride_ob, stride_pb, B,
+                      B_PAD, BLOCK_N, False, SPLIT)
 
 
 def _config(n: int, k: int, batch: int, nibble: bool) -> tuple:
@@ -554,21 +550,32 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
     # first program of segments 1 and 2 (the grid size where there is no such segment)
     starts = [sum(programs[:i]) if i < len(programs) and not gated else grid for i in (1, 2)]
     padded = list(segments) + [segments[0]] * (3 - len(segments))  # absent ones: never read
-    # split K: each split's fp32 sums (gate and up side by side when gated), added up after
+    # split K: each split's fp32 sums (gate and up side by side when gated), added up by the last
+    # split of each row block to finish (_emit)
     n_out = out.shape[1]
     partials = out if splits == 1 else torch.empty(splits, batch, 2 * n_out if gated else n_out,
                                                    dtype=torch.float32, device=out.device)
+    counters = _arrival_counters(out.device, grid) if splits > 1 else partials
     kernel[(grid, splits)](
-        x2d, out, partials, *[arg for segment in padded for arg in segment], *starts, span, *scalars, x2d.stride(0),
-        out.stride(0), partials.stride(-2), B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps,
+        x2d, out, partials, counters, *[arg for segment in padded for arg in segment], *starts, span, *scalars,
+        x2d.stride(0), out.stride(0), partials.stride(-2), B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps,
         num_stages=stages, maxnreg=maxnreg, SEGMENTS=len(segments), GATED=gated, SPLIT=splits, **flags,
     )
-    if splits > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(n_out, block), batch)](
-            partials, out, n_out, partials.stride(-2), out.stride(0), B=batch, SPLIT=splits, BLOCK=block,
-            GATED=gated, num_warps=4)
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, programs: int) -> torch.Tensor:
+    """int32 zeros, at least `programs` of them, kept per device: split-K launches count their
+    arrivals in them and set them back to zero before they end, so one buffer serves every launch
+    on the device's streams in turn (launches of one stream never overlap)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < programs:
+        have = _COUNTERS[device] = torch.zeros(max(1024, triton.next_power_of_2(programs)), dtype=torch.int32,
+                                               device=device)
+    return have
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
