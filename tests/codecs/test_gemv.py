@@ -199,9 +199,9 @@ def test_nibble_rows_are_the_embedding_rows_bit_for_bit():
 
 
 def test_fused_nibble_gemv_tile_with_more_escapes_than_its_slots(monkeypatch):
-    """The tensor-core kernel reads a tile's first escapes from fixed slots before its main loop
-    and the rest after it, a slot-width chunk at a time: a tile with 70 of them and 16 slots,
-    across split spans, must still read every weight exactly."""
+    """The kernels read a tile's first escapes from fixed slots before their main loop and the
+    rest after it, a slot-width chunk at a time: a tile with 70 of them and 16 slots, across split
+    spans, at batch 1 and in the row lookup, must still read every weight exactly."""
     from codecllm.codecs.kernels.gemv import EscapeTable, NibbleGemvWeight
 
     monkeypatch.setattr(EscapeTable, "WIDTHS", (16,))
@@ -218,6 +218,11 @@ def test_fused_nibble_gemv_tile_with_more_escapes_than_its_slots(monkeypatch):
             expected = w[:, cols].T.contiguous()
             expected = torch.where(expected == 0, torch.zeros_like(expected), expected)
             assert torch.equal(bits(fused(x, config=config)), bits(expected)), (config, cols)
+    for i in (0, 5):  # batch 1 (CUDA cores), the same table
+        x = torch.zeros(1, k, dtype=torch.bfloat16)
+        x[0, 8 * i] = 1.0
+        assert torch.equal(bits(fused(x)), bits(w[:, 8 * i][None] + 0.0)), i
+    assert torch.equal(bits(fused.rows(torch.arange(n))), bits(w))  # the embedding lookup too
 
 
 @pytest.mark.parametrize("nibble", [True, False])

@@ -65,11 +65,13 @@ def _bf16_at(words, J: tl.constexpr):
 
 @triton.jit
 def _nibble_rows(
-    x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, pid,
+    x, sign_mantissa, codes, escapes, slots, pid,
     N, words_per_row, base, stride_xw, stride_xb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
-    """fp32 (B_PAD, BLOCK_N): rows pid * BLOCK_N... of one nibble matrix times x."""
+    """fp32 (B_PAD, BLOCK_N): rows pid * BLOCK_N... of one nibble matrix times x. BLOCK_N divides
+    ESCAPE_TILE: a program's rows lie in one tile of the escape table."""
     # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
     # divisibility (it specialises arguments divisible by 16), which is what lets it issue
     # 16-byte loads. EVEN: every tile is full (N % BLOCK_N == 0, K % BK == 0): no masks.
@@ -91,6 +93,14 @@ def _nibble_rows(
     row_words = rows.to(tl.int64)[:, None, None] * words_per_row
     # stride_xw: x's row stride in 64-bit words, an argument for the same reason as words_per_row
     x_rows = x.to(tl.pointer_type(tl.uint64)) + (batch.to(tl.int64) * stride_xw)[:, None, None, None]
+    # the tile's escapes: issued before the loop, used after it
+    tile = pid * BLOCK_N // 16
+    slot = tl.arange(0, SLOTS)
+    tile_escapes = tl.load(escapes + tile * slots + slot, mask=slot < slots, other=0)
+    tiles = tl.cdiv(N, 16)
+    overflow = escapes + tiles * slots  # row pointer of the escapes beyond the slots, then those
+    first_extra = tl.load(overflow + tile)
+    last_extra = tl.load(overflow + tile + 1)
     acc4 = tl.zeros((B_PAD, BLOCK_N, BW // 2, 2), dtype=tl.float32)
     for w0 in range(0, words_per_row, BW):
         w = w0 + in_tile
@@ -108,8 +118,35 @@ def _nibble_rows(
         acc4 += _nibble_weight(packed, packed_codes, base_bits, 2)[None] * _bf16_at(xw, 2)
         acc4 += _nibble_weight(packed, packed_codes, base_bits, 3)[None] * _bf16_at(xw, 3)
     acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # (B_PAD, BLOCK_N)
-    return _fix_escapes(acc, x, escape_row_ptr, escape_pairs, escape_values, rows, pid, N, stride_xb, B, B_PAD,
-                        BLOCK_N)
+    acc = _escape_sums(acc, x, tile_escapes, rows, stride_xb, B, B_PAD)
+    for e0 in range(first_extra, last_extra, SLOTS):  # rare: more escapes than slots
+        extra = e0 + slot
+        more = tl.load(overflow + tiles + 1 + extra, mask=extra < last_extra, other=0)
+        acc = _escape_sums(acc, x, more, rows, stride_xb, B, B_PAD)
+    return acc
+
+
+@triton.jit
+def _escape_sums(acc, x, packed, rows, stride_xb, B: tl.constexpr, B_PAD: tl.constexpr):
+    """acc (B_PAD, R) for `rows` (R rows of one tile) with the escapes `packed` (EscapeTable
+    entries of their tile, 0 for none) corrected on CUDA cores: x times each's loop value taken
+    out, then x times its true value put in: (true - loop) * x in one step would round a tiny
+    escaped weight away next to the loop's much larger value (and so would, with split K, a
+    correction in another split than the one whose sum holds the loop's product). Each product
+    of two bf16 values is exact in fp32."""
+    where = packed.to(tl.int32)
+    values = (packed >> 32).to(tl.int32)
+    col = where >> 4  # ESCAPE_TILE = 16: the row in the tile is the low 4 bits
+    mine = (values != 0)[None, :] & ((where & 15)[None, :] == (rows % 16)[:, None])  # (R, SLOTS)
+    # x at the columns of these rows' escapes only: a program with none loads nothing (no wait)
+    ours = tl.max(mine.to(tl.int32), axis=0) > 0
+    batch = tl.arange(0, B_PAD)
+    xs = tl.load(x + batch[:, None] * stride_xb + col[None, :], mask=(batch < B)[:, None] & ours[None, :],
+                 other=0).to(tl.float32)[:, None, :]
+    taken_out = (values << 16).to(tl.float32, bitcast=True)[None, None, :]
+    put_in = (values & -65536).to(tl.float32, bitcast=True)[None, None, :]
+    acc += tl.sum(tl.where(mine[None], xs * taken_out, 0.0), axis=2)
+    return acc + tl.sum(tl.where(mine[None], xs * put_in, 0.0), axis=2)
 
 
 @triton.jit
@@ -283,7 +320,7 @@ def _escape_dot(acc, x, packed, lo, hi, stride_xb, B: tl.constexpr, B_PAD: tl.co
     columns [lo, hi) corrected: x times each's loop value taken out, then x times its true value
     added, as two MMAs of x's escaped columns (B_PAD, SLOTS) with a matrix (SLOTS, BLOCK_N) that
     holds each escape's value in its row's column and zeros elsewhere. Exact products, as in the
-    loop's MMAs; out first, then in (see _fix_escapes). BLOCK_N = ESCAPE_TILE."""
+    loop's MMAs; out first, then in (see _escape_sums). BLOCK_N = ESCAPE_TILE."""
     where = packed.to(tl.int32)
     values = (packed >> 32).to(tl.int32)
     col = where // BLOCK_N
@@ -298,30 +335,6 @@ def _escape_dot(acc, x, packed, lo, hi, stride_xb, B: tl.constexpr, B_PAD: tl.co
         return tl.dot(xs.to(tl.float32), put_in.to(tl.float32), acc, input_precision="ieee")
     acc = tl.dot(xs, taken_out, acc)
     return tl.dot(xs, put_in, acc)
-
-
-@triton.jit
-def _fix_escapes(acc, x, escape_row_ptr, escape_pairs, escape_values, rows, pid, N, stride_xb,
-                 B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc (B_PAD, BLOCK_N) computed with each escaped weight at its code-15 value: correct each."""
-    batch = tl.arange(0, B_PAD)
-    batch_ok = batch < B
-    first = tl.load(escape_row_ptr + pid * BLOCK_N)
-    last = tl.load(escape_row_ptr + tl.minimum(pid * BLOCK_N + BLOCK_N, N))
-    for e in range(first, last):
-        row = tl.load(escape_pairs + 2 * e)
-        col_e = tl.load(escape_pairs + 2 * e + 1)
-        true_value = tl.load(escape_values + 2 * e)
-        loop_value = tl.load(escape_values + 2 * e + 1)
-        xv = tl.load(x + batch * stride_xb + col_e, mask=batch_ok, other=0).to(tl.float32)[:, None]
-        hit = (rows == row)[None, :]
-        # Take the loop's product out before adding the true one: (true - loop) * x in one step
-        # would round a tiny escaped weight away next to the loop's much larger value (and so
-        # would, with split K, a correction in another split than the one whose sum holds the
-        # loop's product: _escape_dot takes only its split's columns).
-        acc -= tl.where(hit, loop_value * xv, 0.0)
-        acc += tl.where(hit, true_value * xv, 0.0)
-    return acc
 
 
 @triton.jit
@@ -368,28 +381,27 @@ def _emit(out, partials, counters, acc, up, pid, N, stride_ob, stride_pb, B: tl.
 
 @triton.jit
 def _nibble_block(
-    x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, escapes, slots, pid,
+    x, sign_mantissa, codes, escapes, slots, pid,
     N, words_per_row, base, stride_xw, stride_xb, span, warp_words,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr,
 ):
-    """One program's rows of one matrix: escapes by row for the CUDA-core loop (batch 1), by
-    16-row tile (`escapes`, `slots`: an EscapeTable) for the tensor-core one."""
+    """One program's rows of one matrix (`escapes`, `slots`: its EscapeTable)."""
     if USE_DOT:
         acc = _nibble_rows_dot(x, sign_mantissa, codes, escapes, slots, pid, N, words_per_row, base, stride_xw,
                                stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, DOT_FP32, WARPS, SLOTS)
     else:
-        acc = _nibble_rows(x, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, pid, N,
-                           words_per_row, base, stride_xw, stride_xb, B, B_PAD, BLOCK_N, BK, EVEN)
+        acc = _nibble_rows(x, sign_mantissa, codes, escapes, slots, pid, N, words_per_row, base, stride_xw,
+                           stride_xb, B, B_PAD, BLOCK_N, BK, EVEN, SLOTS)
     return acc
 
 
 @triton.jit(do_not_specialize=["base0", "base1", "base2"])
 def _nibble_kernel(
     x, out, partials, counters,
-    sm0, codes0, erp0, ep0, ev0, et0, es0, base0, n0,
-    sm1, codes1, erp1, ep1, ev1, et1, es1, base1, n1,
-    sm2, codes2, erp2, ep2, ev2, et2, es2, base2, n2,
+    sm0, codes0, et0, es0, base0, n0,
+    sm1, codes1, et1, es1, base1, n1,
+    sm2, codes2, et2, es2, base2, n2,
     p1, p2, span, warp_words, words_per_row, stride_xw, stride_xb, stride_ob, stride_pb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr,
@@ -399,13 +411,13 @@ def _nibble_kernel(
     # matrix 0, [p1, p2) matrix 1, the rest matrix 2, each writing its own columns of `out`.
     # GATED: programs take the same rows of matrices 0 and 1 (gate, up) and store silu(g) * u.
     # Each branch inlines the row loop with its own pointers, so every load keeps the alignment
-    # Triton knows for its arguments. Per matrix: sign+mantissa, codes, escapes by row (row
-    # pointer, pairs, values), escapes by tile (table, slots), window base, rows.
+    # Triton knows for its arguments. Per matrix: sign+mantissa, codes, escape table and its
+    # slots, window base, rows.
     pid = tl.program_id(0)
     if GATED:
-        gate = _nibble_block(x, sm0, codes0, erp0, ep0, ev0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
+        gate = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
                              stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS)
-        up = _nibble_block(x, sm1, codes1, erp1, ep1, ev1, et1, es1, pid, n0, words_per_row, base1, stride_xw,
+        up = _nibble_block(x, sm1, codes1, et1, es1, pid, n0, words_per_row, base1, stride_xw,
                            stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS)
         _emit(out, partials, counters, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT)
     else:
@@ -413,20 +425,20 @@ def _nibble_kernel(
         # (p1, p2 = the grid size where a segment is absent).
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
         if seg == 0:
-            acc = _nibble_block(x, sm0, codes0, erp0, ep0, ev0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
+            acc = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
                                 stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
                                 SLOTS)
             _emit(out, partials, counters, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT)
         if SEGMENTS >= 2:
             if seg == 1:
-                acc = _nibble_block(x, sm1, codes1, erp1, ep1, ev1, et1, es1, pid - p1, n1, words_per_row, base1,
+                acc = _nibble_block(x, sm1, codes1, et1, es1, pid - p1, n1, words_per_row, base1,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
                                     DOT_FP32, WARPS, SLOTS)
                 _emit(out + n0, partials + n0, counters, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD,
                       BLOCK_N, False, SPLIT)
         if SEGMENTS == 3:
             if seg == 2:
-                acc = _nibble_block(x, sm2, codes2, erp2, ep2, ev2, et2, es2, pid - p2, n2, words_per_row, base2,
+                acc = _nibble_block(x, sm2, codes2, et2, es2, pid - p2, n2, words_per_row, base2,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
                                     DOT_FP32, WARPS, SLOTS)
                 _emit(out + n0 + n1, partials + n0 + n1, counters, acc, acc, pid - p2, n2, stride_ob, stride_pb, B,
@@ -531,6 +543,8 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         splits = 1  # CUDA cores: batch 1 fills the GPU with rows, and _nibble_rows takes no span
     if nibble and use_dot:  # one 16-row tile of the escape tables a program, K in MMA steps of 64 columns a warp
         block_n, bk = ESCAPE_TILE, triton.cdiv(bk, 64) * 64
+    elif nibble:  # a program's rows within one tile of the escape table
+        block_n = min(ESCAPE_TILE, triton.next_power_of_2(block_n))
     # columns a split takes: whole tiles (the nibble MMA kernel's warps each take bk columns a tile)
     tile = bk * warps if nibble and use_dot else bk
     span = triton.cdiv(triton.cdiv(k, splits), tile) * tile
@@ -542,7 +556,7 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         scalars = (span // 4 // warps if use_dot else 0, k // 4, x2d.stride(0) // 4)
         flags["EVEN"] = all(n % block_n == 0 for n in rows) and k % (span if use_dot else bk) == 0
         flags["WARPS"] = warps
-        flags["SLOTS"] = max(segment[6] for segment in segments) if use_dot else 16  # the tables' widest
+        flags["SLOTS"] = max(segment[3] for segment in segments)  # the widest of the tables
     else:
         scalars = (k,)
     programs = [triton.cdiv(n, block_n) for n in rows]
@@ -610,8 +624,8 @@ def gemv_group(x: torch.Tensor, weights, gated: bool = False, config=None,
     n = shapes[0][0] if gated else sum(s[0] for s in shapes)
     out = torch.empty(x2d.shape[0], n, dtype=out_dtype or x.dtype, device=x.device)
     if nibble:
-        segments = [(w.sign_mantissa, w.codes, w.row_ptr, w.escape_pairs, w.escape_values, w.escape_table.entries,
-                     w.escape_table.slots, w.base, w.shape[0]) for w in weights]
+        segments = [(w.sign_mantissa, w.codes, w.escape_table.entries, w.escape_table.slots, w.base, w.shape[0])
+                    for w in weights]
         _launch(_nibble_kernel, x2d, segments, k, out, config, True, gated)
     else:
         segments = [(w.contiguous(), w.shape[0]) for w in weights]
@@ -631,14 +645,8 @@ def nibble_gemv_supported(encoded) -> str | None:
     return None
 
 
-def _as_fp32(bits: torch.Tensor) -> torch.Tensor:
-    """int64 holding 32-bit patterns (mod 2**32) -> the fp32 values with those bits."""
-    bits = bits & 0xFFFFFFFF
-    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
-
-
 class EscapeTable:
-    """A matrix's escapes grouped by tile of ESCAPE_TILE rows, for the tensor-core kernel: one
+    """A matrix's escapes grouped by tile of ESCAPE_TILE rows, for the fused kernels: one
     int64 buffer `entries` holding, per tile, `slots` entries (the tile's first escapes, then
     zeros), then a row pointer over tiles (tiles + 1 entries) of the escapes that did not fit,
     then those. An entry packs col << 4 | row % 16 in its low 32 bits and two bf16 patterns in its
@@ -670,9 +678,7 @@ class EscapeTable:
 
 class NibbleGemvWeight:
     """A `nibble` EncodedTensor of shape (N, K), K divisible by 4, laid out for the fused GEMV:
-    the codec's own buffers (no copy) plus the escapes regrouped by row for the batch-1 loop (row
-    pointer, (row, col) pairs, and per escape its true fp32 value and the value the loop computes)
-    and by 16-row tile for the tensor-core loop (EscapeTable)."""
+    the codec's own buffers (no copy) plus its escapes grouped by 16-row tile (EscapeTable)."""
 
     def __init__(self, encoded):
         from codecllm.codecs.nibble import NibbleCodec
@@ -684,25 +690,18 @@ class NibbleGemvWeight:
         sign_mantissa, codes, escape_index, escape_exponent, base = NibbleCodec._parts(encoded)
         rows, cols = escape_index // k, escape_index % k
         rest = sign_mantissa[escape_index].to(torch.int64)
-        sign_and_mantissa = ((rest & 0x80) << 24) | ((rest & 0x7F) << 16)
-        true_bits = sign_and_mantissa | (escape_exponent.to(torch.int64) << 23)
-        loop_bits = sign_and_mantissa | ((ESCAPE + base) << 23)
+        sign_and_mantissa = ((rest & 0x80) << 8) | (rest & 0x7F)  # bf16 bits but the exponent
+        true_bits = sign_and_mantissa | (escape_exponent.to(torch.int64) << 7)
+        loop_bits = sign_and_mantissa | ((ESCAPE + base) << 7)  # what the loops decode code 15 to
         self.shape = (n, k)
         self.sign_mantissa, self.codes, self.base = sign_mantissa, codes, base
-        self.escape_values = torch.stack([_as_fp32(true_bits), _as_fp32(loop_bits)], dim=1).reshape(-1).contiguous()
-        self.escape_pairs = torch.stack([rows, cols], dim=1).reshape(-1).contiguous()
-        self.row_ptr = torch.searchsorted(rows, torch.arange(n + 1, device=rows.device)).to(torch.int64)
-        self.escape_table = EscapeTable(n, rows, cols, (loop_bits >> 16) ^ 0x8000, true_bits >> 16)
-
-    @property
-    def escapes(self) -> int:
-        return self.escape_pairs.numel() // 2
+        self.escapes = escape_index.numel()
+        self.escape_table = EscapeTable(n, rows, cols, loop_bits ^ 0x8000, true_bits)
 
     @property
     def extra_nbytes(self) -> int:
-        """Bytes held beyond the codec's own buffers: the escapes regrouped for the kernels."""
-        return sum(t.numel() * t.element_size() for t in (self.row_ptr, self.escape_pairs, self.escape_values,
-                                                           self.escape_table.entries))
+        """Bytes held beyond the codec's own buffers: the escape table."""
+        return self.escape_table.entries.numel() * self.escape_table.entries.element_size()
 
     def __call__(self, x: torch.Tensor, config=None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x (..., K) bf16 -> (..., N) in x's dtype (or `out_dtype`: fp32 skips the final rounding)."""
@@ -716,15 +715,16 @@ class NibbleGemvWeight:
         out = torch.empty(flat.numel(), k, dtype=torch.int16, device=self.codes.device)
         block = min(2048, triton.next_power_of_2(k))
         if flat.numel():
+            table = self.escape_table
             _nibble_rows_kernel[(flat.numel(), triton.cdiv(k, block))](
-                flat, self.sign_mantissa, self.codes, self.row_ptr, self.escape_pairs, self.escape_values, out, k,
-                self.base, BLOCK=block, num_warps=4)
+                flat, self.sign_mantissa, self.codes, table.entries, table.slots, out, n, k, self.base, BLOCK=block,
+                SLOTS=table.slots, num_warps=4)
         return out.view(torch.bfloat16).view(*ids.shape, k)
 
 
 @triton.jit(do_not_specialize=["base"])
-def _nibble_rows_kernel(ids, sign_mantissa, codes, escape_row_ptr, escape_pairs, escape_values, out, K, base,
-                        BLOCK: tl.constexpr):
+def _nibble_rows_kernel(ids, sign_mantissa, codes, escapes, slots, out, N, K, base, BLOCK: tl.constexpr,
+                        SLOTS: tl.constexpr):
     r = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < K
@@ -733,9 +733,27 @@ def _nibble_rows_kernel(ids, sign_mantissa, codes, escape_row_ptr, escape_pairs,
     rest = tl.load(sign_mantissa + at, mask=ok, other=0).to(tl.int32)
     code = (tl.load(codes + (at >> 1), mask=ok, other=0).to(tl.int32) >> ((at & 1) * 4).to(tl.int32)) & 15
     bits = nibble_bf16_bits(rest, code + base)
-    # this row's escapes: the true fp32 value's top half is the bf16
-    true_bits = escape_values.to(tl.pointer_type(tl.uint32))
-    for e in range(tl.load(escape_row_ptr + row), tl.load(escape_row_ptr + row + 1)):
-        bits = tl.where(cols == tl.load(escape_pairs + 2 * e + 1), (tl.load(true_bits + 2 * e) >> 16).to(tl.int32),
-                        bits)
+    # this row's escapes, from its tile's slots and then any beyond them: each true bf16 over the
+    # loop's value at its column
+    tile = row // 16
+    slot = tl.arange(0, SLOTS)
+    bits = _put_escapes(bits, cols, tl.load(escapes + tile * slots + slot, mask=slot < slots, other=0), row)
+    overflow = escapes + tl.cdiv(N, 16) * slots
+    last = tl.load(overflow + tile + 1)
+    for e0 in range(tl.load(overflow + tile), last, SLOTS):
+        extra = e0 + slot
+        more = tl.load(overflow + tl.cdiv(N, 16) + 1 + extra, mask=extra < last, other=0)
+        bits = _put_escapes(bits, cols, more, row)
     tl.store(out + r.to(tl.int64) * K + cols, bits.to(tl.int16), mask=ok)
+
+
+@triton.jit
+def _put_escapes(bits, cols, packed, row):
+    """bits (BLOCK,) of row `row` at `cols`, with the true bf16 of each escape in `packed`
+    (EscapeTable entries of its tile) that belongs to this row put in at its column."""
+    where = packed.to(tl.int32)
+    values = (packed >> 32).to(tl.int32)
+    mine = (values != 0) & ((where & 15) == (row % 16).to(tl.int32))
+    hit = (cols[:, None] == (where >> 4)[None, :]) & mine[None, :]  # (BLOCK, SLOTS): at most one per column
+    true_bits = ((values >> 16) & 0xFFFF)[None, :]
+    return tl.where(tl.max(hit.to(tl.int32), axis=1) > 0, tl.sum(tl.where(hit, true_bits, 0), axis=1), bits)
