@@ -203,7 +203,7 @@ class Model:
                 plain += p.numel() * p.element_size()
         compressed = sum(s.compressed_nbytes for s in stores.values())
         decompressed = sum(s.nbytes for s in stores.values())
-        # the fused GEMV's escape lists, built beside the codec's buffers (the `fused` policy)
+        # the fused GEMV's escape tables, built beside the codec's buffers (the `fused` policy)
         gemv = sum(s.gemv.extra_nbytes for s in stores.values() if getattr(s, "gemv", None) is not None)
         return {"plain": plain, "compressed": compressed, "compressed_original": decompressed, "gemv_extra": gemv,
                 "weights_held": plain + compressed + gemv, "weights_original": plain + decompressed}

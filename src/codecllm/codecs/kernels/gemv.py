@@ -19,8 +19,9 @@ sign+mantissa bytes of 4 consecutive weights, a 16-bit load their 4 codes, and e
 weight is 2 shifts + 3 masks + 1 add away (bf16 is the top half of an fp32). Escaped weights
 (code 15) are not special-cased in the loop: the loop computes a known wrong value for them
 (code 15 read as exponent base + 15); afterwards the product with that value is taken out and
-the true one put in, from values computed exactly on the host (per row at batch 1, per 16-row
-tile as two small MMAs on tensor cores). So the main loop has no compare and no select.
+the true one put in, from values computed exactly on the host and grouped by 16-row tile
+(`EscapeTable`; fp32 sums at batch 1, two small MMAs on tensor cores). So the main loop has no
+compare and no select.
 The weight bits become fp32 by bit operations only, which is exact and also what Triton's CPU
 interpreter gets right.
 """
