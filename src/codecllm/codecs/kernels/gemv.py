@@ -65,6 +65,33 @@ def _bf16_at(words, J: tl.constexpr):
 
 
 @triton.jit
+def _tile_escapes(escapes, slots, tile, N, SLOTS: tl.constexpr):
+    """Reads of an EscapeTable (`escapes`, `slots` a tile) for 16-row tile `tile` of an N-row
+    matrix: its slots (SLOTS entries, 0 past `slots`), then where the escapes beyond them lie:
+    the start of the overflow entries and the tile's range in them, for _extra_escapes."""
+    slot = tl.arange(0, SLOTS)
+    entries = tl.load(escapes + tile * slots + slot, mask=slot < slots, other=0)
+    tiles = tl.cdiv(N, 16)
+    pointer = escapes + tiles * slots  # row pointer over tiles of the overflow entries
+    return entries, pointer + tiles + 1, tl.load(pointer + tile), tl.load(pointer + tile + 1)
+
+
+@triton.jit
+def _extra_escapes(extra, e0, last, SLOTS: tl.constexpr):
+    """Overflow entries e0.. of a tile (0 from `last` on), SLOTS at a time."""
+    e = e0 + tl.arange(0, SLOTS)
+    return tl.load(extra + e, mask=e < last, other=0)
+
+
+@triton.jit
+def _entry_fields(packed):
+    """An EscapeTable entry's column, row in its tile, and its two bf16 patterns (low half: the
+    loop's value negated, high half: the true value; 0 for an empty slot)."""
+    where = packed.to(tl.int32)
+    return where >> 4, where & 15, (packed >> 32).to(tl.int32)
+
+
+@triton.jit
 def _nibble_rows(
     x, sign_mantissa, codes, escapes, slots, pid,
     N, words_per_row, base, stride_xw, stride_xb,
@@ -95,13 +122,7 @@ def _nibble_rows(
     # stride_xw: x's row stride in 64-bit words, an argument for the same reason as words_per_row
     x_rows = x.to(tl.pointer_type(tl.uint64)) + (batch.to(tl.int64) * stride_xw)[:, None, None, None]
     # the tile's escapes: issued before the loop, used after it
-    tile = pid * BLOCK_N // 16
-    slot = tl.arange(0, SLOTS)
-    tile_escapes = tl.load(escapes + tile * slots + slot, mask=slot < slots, other=0)
-    tiles = tl.cdiv(N, 16)
-    overflow = escapes + tiles * slots  # row pointer of the escapes beyond the slots, then those
-    first_extra = tl.load(overflow + tile)
-    last_extra = tl.load(overflow + tile + 1)
+    tile_escapes, extra, first_extra, last_extra = _tile_escapes(escapes, slots, pid * BLOCK_N // 16, N, SLOTS)
     acc4 = tl.zeros((B_PAD, BLOCK_N, BW // 2, 2), dtype=tl.float32)
     for w0 in range(0, words_per_row, BW):
         w = w0 + in_tile
@@ -121,9 +142,7 @@ def _nibble_rows(
     acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # (B_PAD, BLOCK_N)
     acc = _escape_sums(acc, x, tile_escapes, rows, stride_xb, B, B_PAD)
     for e0 in range(first_extra, last_extra, SLOTS):  # rare: more escapes than slots
-        extra = e0 + slot
-        more = tl.load(overflow + tiles + 1 + extra, mask=extra < last_extra, other=0)
-        acc = _escape_sums(acc, x, more, rows, stride_xb, B, B_PAD)
+        acc = _escape_sums(acc, x, _extra_escapes(extra, e0, last_extra, SLOTS), rows, stride_xb, B, B_PAD)
     return acc
 
 
@@ -135,10 +154,8 @@ def _escape_sums(acc, x, packed, rows, stride_xb, B: tl.constexpr, B_PAD: tl.con
     escaped weight away next to the loop's much larger value (and so would, with split K, a
     correction in another split than the one whose sum holds the loop's product). Each product
     of two bf16 values is exact in fp32."""
-    where = packed.to(tl.int32)
-    values = (packed >> 32).to(tl.int32)
-    col = where >> 4  # ESCAPE_TILE = 16: the row in the tile is the low 4 bits
-    mine = (values != 0)[None, :] & ((where & 15)[None, :] == (rows % 16)[:, None])  # (R, SLOTS)
+    col, row, values = _entry_fields(packed)
+    mine = (values != 0)[None, :] & (row[None, :] == (rows % 16)[:, None])  # (R, SLOTS)
     # x at the columns of these rows' escapes only: a program with none loads nothing (no wait)
     ours = tl.max(mine.to(tl.int32), axis=0) > 0
     batch = tl.arange(0, B_PAD)
@@ -274,12 +291,7 @@ def _nibble_rows_dot(
     base2 = (base << 7) | (base << 23)
     # The tile's escapes: issued before the loop, used after it (read after it, ~10 per tile of
     # 16 x 4096 one by one, they were a chain of dependent loads as long as the loop).
-    slot = tl.arange(0, SLOTS)
-    tile_escapes = tl.load(escapes + pid * slots + slot, mask=slot < slots, other=0)
-    tiles = tl.cdiv(N, BLOCK_N)
-    overflow = escapes + tiles * slots  # row pointer of the escapes beyond the slots, then those
-    first_extra = tl.load(overflow + pid)
-    last_extra = tl.load(overflow + pid + 1)
+    tile_escapes, extra, first_extra, last_extra = _tile_escapes(escapes, slots, pid, N, SLOTS)
     acc = tl.zeros((WARPS, B_PAD, BLOCK_N), dtype=tl.float32)
     if STEPS == 2:
         # Loads run one loop turn ahead: the next turn's words are in flight while this turn's are
@@ -308,9 +320,8 @@ def _nibble_rows_dot(
     lo, hi = split * span, split * span + span
     acc = _escape_dot(tl.sum(acc, axis=0), x, tile_escapes, lo, hi, stride_xb, B, B_PAD, BLOCK_N, DOT_FP32)
     for e0 in range(first_extra, last_extra, SLOTS):  # rare: more escapes than slots
-        extra = e0 + slot
-        tile_escapes = tl.load(overflow + tiles + 1 + extra, mask=extra < last_extra, other=0)
-        acc = _escape_dot(acc, x, tile_escapes, lo, hi, stride_xb, B, B_PAD, BLOCK_N, DOT_FP32)
+        acc = _escape_dot(acc, x, _extra_escapes(extra, e0, last_extra, SLOTS), lo, hi, stride_xb, B, B_PAD,
+                          BLOCK_N, DOT_FP32)
     return acc
 
 
@@ -322,13 +333,11 @@ def _escape_dot(acc, x, packed, lo, hi, stride_xb, B: tl.constexpr, B_PAD: tl.co
     added, as two MMAs of x's escaped columns (B_PAD, SLOTS) with a matrix (SLOTS, BLOCK_N) that
     holds each escape's value in its row's column and zeros elsewhere. Exact products, as in the
     loop's MMAs; out first, then in (see _escape_sums). BLOCK_N = ESCAPE_TILE."""
-    where = packed.to(tl.int32)
-    values = (packed >> 32).to(tl.int32)
-    col = where // BLOCK_N
+    col, row, values = _entry_fields(packed)
     take = (values != 0) & (col >= lo) & (col < hi)
     batch = tl.arange(0, B_PAD)
     xs = tl.load(x + batch[:, None] * stride_xb + col[None, :], mask=(batch < B)[:, None] & take[None, :], other=0)
-    hit = ((where & (BLOCK_N - 1))[:, None] == tl.arange(0, BLOCK_N)[None, :]) & take[:, None]
+    hit = (row[:, None] == tl.arange(0, BLOCK_N)[None, :]) & take[:, None]
     taken_out = tl.where(hit, (values & 0xFFFF)[:, None], 0).to(tl.int16).to(tl.bfloat16, bitcast=True)
     put_in = tl.where(hit, ((values >> 16) & 0xFFFF)[:, None], 0).to(tl.int16).to(tl.bfloat16, bitcast=True)
     if DOT_FP32:
@@ -736,15 +745,10 @@ def _nibble_rows_kernel(ids, sign_mantissa, codes, escapes, slots, out, N, K, ba
     bits = nibble_bf16_bits(rest, code + base)
     # this row's escapes, from its tile's slots and then any beyond them: each true bf16 over the
     # loop's value at its column
-    tile = row // 16
-    slot = tl.arange(0, SLOTS)
-    bits = _put_escapes(bits, cols, tl.load(escapes + tile * slots + slot, mask=slot < slots, other=0), row)
-    overflow = escapes + tl.cdiv(N, 16) * slots
-    last = tl.load(overflow + tile + 1)
-    for e0 in range(tl.load(overflow + tile), last, SLOTS):
-        extra = e0 + slot
-        more = tl.load(overflow + tl.cdiv(N, 16) + 1 + extra, mask=extra < last, other=0)
-        bits = _put_escapes(bits, cols, more, row)
+    tile_escapes, extra, first_extra, last_extra = _tile_escapes(escapes, slots, row // 16, N, SLOTS)
+    bits = _put_escapes(bits, cols, tile_escapes, row)
+    for e0 in range(first_extra, last_extra, SLOTS):
+        bits = _put_escapes(bits, cols, _extra_escapes(extra, e0, last_extra, SLOTS), row)
     tl.store(out + r.to(tl.int64) * K + cols, bits.to(tl.int16), mask=ok)
 
 
@@ -752,9 +756,8 @@ def _nibble_rows_kernel(ids, sign_mantissa, codes, escapes, slots, out, N, K, ba
 def _put_escapes(bits, cols, packed, row):
     """bits (BLOCK,) of row `row` at `cols`, with the true bf16 of each escape in `packed`
     (EscapeTable entries of its tile) that belongs to this row put in at its column."""
-    where = packed.to(tl.int32)
-    values = (packed >> 32).to(tl.int32)
-    mine = (values != 0) & ((where & 15) == (row % 16).to(tl.int32))
-    hit = (cols[:, None] == (where >> 4)[None, :]) & mine[None, :]  # (BLOCK, SLOTS): at most one per column
+    col, row_in_tile, values = _entry_fields(packed)
+    mine = (values != 0) & (row_in_tile == (row % 16).to(tl.int32))
+    hit = (cols[:, None] == col[None, :]) & mine[None, :]  # (BLOCK, SLOTS): at most one per column
     true_bits = ((values >> 16) & 0xFFFF)[None, :]
     return tl.where(tl.max(hit.to(tl.int32), axis=1) > 0, tl.sum(tl.where(hit, true_bits, 0), axis=1), bits)
