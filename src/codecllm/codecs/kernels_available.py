@@ -15,6 +15,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+GEMV_MAX_ROWS = 8  # the Triton GEMVs take inputs of at most this many rows (decode steps of batches 1-8)
+
+
+def gemv_rows_fit(x: torch.Tensor) -> bool:
+    return x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
+
+
 def fused_gemv_possible(device: torch.device) -> bool:
     if not triton_available():
         return False

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codecllm.codecs import EncodedTensor, encode
+from codecllm.codecs.kernels_available import gemv_rows_fit
 from codecllm.weights.cache import CompressedWeight, WeightCache
 from codecllm.weights.offload import pin_packed
 
@@ -102,7 +103,7 @@ class CompressedLinear(_Compressed):
     def _fused_gemv_for(self, x: torch.Tensor):
         """The fused GEMV for this input (bf16, at most 8 rows, no override), or None where it
         does not apply."""
-        if self.override is not None or x.numel() // x.shape[-1] > 8 or x.dtype != torch.bfloat16:
+        if self.override is not None or not gemv_rows_fit(x) or x.dtype != torch.bfloat16:
             return None
         return self._fused_weight()
 

@@ -34,9 +34,9 @@ import triton.language as tl
 
 from codecllm.codecs.kernels.bf16 import bf16_round, silu_times, store_bf16
 from codecllm.codecs.kernels.nibble_decode import nibble_bf16_bits
-from codecllm.codecs.kernels_available import interpreting
+from codecllm.codecs.kernels_available import GEMV_MAX_ROWS, interpreting
 
-MAX_BATCH = 8
+MAX_BATCH = GEMV_MAX_ROWS
 ESCAPE = 15
 ESCAPE_TILE = 16  # rows a tensor-core program takes, and rows per tile of its escape table
 
@@ -470,8 +470,10 @@ def _plain_rows(
     row_start = weight + rows.to(tl.int64)[:, None] * K
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
-    else:
+    elif B_PAD == 1:
         acc2 = tl.zeros((BLOCK_N, BK), dtype=tl.float32)
+    else:  # a few rows on CUDA cores: each weight loaded once, used in B_PAD FMAs
+        acc3 = tl.zeros((B_PAD, BLOCK_N, BK), dtype=tl.float32)
     split = tl.program_id(1)
     for k0 in range(split * span, tl.minimum(split * span + span, K), BK):
         cols = k0 + tl.arange(0, BK)
@@ -482,12 +484,20 @@ def _plain_rows(
             if DOT_FP32:
                 w, xt = w.to(tl.float32), xt.to(tl.float32)
             acc += tl.dot(w.to(xt.dtype), xt, input_precision="ieee")
-        else:
+        elif B_PAD == 1:
             xv = tl.load(x + cols, mask=cols < K, other=0).to(tl.float32)
             acc2 += w.to(tl.float32) * xv[None, :]
-    if not USE_DOT:
-        acc = tl.sum(acc2, axis=1)[:, None]
-    return tl.trans(acc)
+        else:
+            xv = tl.load(x + batch[:, None] * stride_xb + cols[None, :], mask=batch_ok[:, None] & (cols < K)[None, :],
+                         other=0).to(tl.float32)
+            acc3 += w.to(tl.float32)[None, :, :] * xv[:, None, :]
+    if USE_DOT:
+        acc = tl.trans(acc)
+    elif B_PAD == 1:
+        acc = tl.trans(tl.sum(acc2, axis=1)[:, None])
+    else:
+        acc = tl.sum(acc3, axis=2)
+    return acc
 
 
 @triton.jit
@@ -520,20 +530,29 @@ def _plain_kernel(
                       B_PAD, BLOCK_N, False, SPLIT)
 
 
-def _config(n: int, k: int, batch: int, nibble: bool) -> tuple:
-    """(BLOCK_N, BK, num_warps, splits of K, tensor cores[, pipeline stages]), from the sweeps in
-    benchmarks/gemv.py on an H100 (`--sweep`, `--sweep-batch`)."""
-    if batch == 1:
+def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tuple:
+    """(BLOCK_N, BK, num_warps, splits of K, tensor cores[, pipeline stages]) for a launch over n
+    rows in all (gate and up both counted when gated), from sweeps on an H100 (benchmarks/gemv.py
+    `--sweep`, `--sweep-batch`; scratch/sweep4.py on branch wip/nibble-mma-registers)."""
+    small = n * k <= 1 << 22  # 8 MB of bf16 or less: latency-bound, a few rows a program do better
+    if batch == 1 or (batch == 2 and small and nibble):  # CUDA cores, each weight decoded once for the batch
         if nibble:
             block_n, bk, warps = (1, 2048, 4) if n < 2048 else (1, 1024, 2) if n < 4096 else (1, 1024, 1)
             return block_n, bk, warps, 1, False
         return (2, 2048, 8, 1, False) if k >= 2048 else (1, 1024, 4, 1, False)
+    if small and batch == 2:  # plain, CUDA cores
+        return (2, 2048, 4, 1, False) if n <= 1024 else (4, 1024, 4, 1, False)
+    if small and batch <= 4 and n <= (512 if nibble else 1024):
+        return (2, 2048, 4, 1, False) if nibble else (2, 1024, 4, 1, False)
     if nibble:  # tensor cores: 16 rows a program, two MMA steps a loop turn, loads a turn ahead in
         # registers (stages=1: Triton's own pipelining goes through shared memory, slower here);
-        # K split where rows are few, 8 warps sharing K where K is long and rows few
+        # K split where rows are few, 8 warps sharing K where K is long and rows few; 2 warps
+        # where 4-warp programs would need 1.3-3 waves (5 fit an SM): the last one leaves most
+        # SMs idle (14336x4096: 43 -> 39 us)
         programs = triton.cdiv(n, 16)
-        return 16, 128, 8 if k >= 5000 and programs <= 256 else 4, 4 if programs < 100 else 1, True, 1
-    # tensor cores; K split in spans (summed by a second kernel) where rows alone leave SMs idle
+        warps = 8 if k >= 5000 and programs <= 256 else 2 if 640 <= programs <= 2048 and not gated else 4
+        return 16, 128, warps, 4 if programs < 100 else 1, True, 1
+    # tensor cores; K split in spans where rows alone leave SMs idle
     programs = triton.cdiv(n, 64)
     splits = 8 if programs <= 16 else 4 if programs < 256 and k > 4096 else 1
     return 64, 128 if programs >= 200 else 256, 4, splits, True
@@ -543,10 +562,9 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
     """segments: one argument tuple per matrix, ending with its row count N."""
     batch = x2d.shape[0]
     rows = [segment[-1] for segment in segments]
-    block_n, bk, warps, splits, use_dot, *extra = config or _config(sum(rows), k, batch, nibble)
+    block_n, bk, warps, splits, use_dot, *extra = config or _config(sum(rows), k, batch, nibble, gated)
     stages, maxnreg = (extra + [3, None][len(extra):])[:2]  # optional: pipeline stages, register cap
-    # tensor cores for batches (the plain kernel's CUDA-core loop takes one row only)
-    use_dot = batch > 1 and (use_dot or not nibble)
+    use_dot = batch > 1 and use_dot  # one row: CUDA cores
     if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
         block_n, bk = max(block_n, 16), max(bk, 16)
     else:
