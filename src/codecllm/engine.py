@@ -228,7 +228,7 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
     (CUDA, kv=True, a cache policy that does the same work every pass).
     storage: where compressed bytes live, 'gpu' (the compute device) or 'cpu' (host RAM; for a
     CUDA device pinned, one block a weight, copied over ahead of use, inside the decode graph too).
-    gemv: 'auto' runs uncompressed linears of CUDA-graph decode steps (one row) through our Triton
+    gemv: 'auto' runs uncompressed linears of CUDA-graph decode steps (1-8 rows) through our Triton
     GEMV, faster than cuBLAS there; 'cublas' keeps cuBLAS everywhere.
     Raises ConfigError / CheckpointError / CacheError with a one-line reason.
     """

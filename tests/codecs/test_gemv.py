@@ -109,7 +109,7 @@ def test_fused_nibble_gemv_reads_weights_exactly(batch, config):
         assert torch.equal(bits(fused(x, config=config)), bits(expected)), group
 
 
-def test_gemv_linear_takes_the_triton_kernel_only_inside_graph_steps(monkeypatch):
+def test_gemv_linear_takes_the_triton_kernel_inside_graph_steps_up_to_8_rows(monkeypatch):
     from codecllm.codecs.kernels import gemv as kernels
     from codecllm.weights.fast_linear import GemvLinear, graph_step
 
@@ -117,13 +117,14 @@ def test_gemv_linear_takes_the_triton_kernel_only_inside_graph_steps(monkeypatch
     monkeypatch.setattr(kernels, "gemv", lambda x, w: calls.append(x.shape) or torch.nn.functional.linear(x, w))
     linear = torch.nn.Linear(64, 8, bias=True)
     linear.__class__ = GemvLinear
-    one, four = torch.randn(1, 1, 64), torch.randn(4, 64)
-    linear(one)
+    one, four, nine = torch.randn(1, 1, 64), torch.randn(4, 64), torch.randn(9, 64)
+    linear(one)  # outside a graph step: cuBLAS (its host launch cost is lower)
     with graph_step():
         ref = torch.nn.functional.linear(one, linear.weight, linear.bias)
         assert torch.allclose(linear(one), ref)
-        linear(four)  # batches stay on cuBLAS: the Triton kernel only wins at one row
-    assert calls == [(1, 1, 64)]
+        linear(four)
+        linear(nine)  # more rows than the kernel takes: cuBLAS
+    assert calls == [(1, 1, 64), (4, 64)]
 
 
 def test_load_checks_the_gemv_option():

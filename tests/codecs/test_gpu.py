@@ -74,6 +74,38 @@ def test_cuda_graph_decode_matches_eager_for_every_graph_safe_policy():
         assert s["forward_passes"] == 3 * 24
 
 
+def _gaps_below_top(model, prompt, tokens):
+    """How far below the top logit each of `tokens` scores after the prompt and the tokens
+    before it, from one eager pass over the whole sequence (no cache)."""
+    from codecllm.models.layers import causal_mask
+
+    ids = torch.tensor([prompt + tokens[:-1]], device="cuda")
+    length = ids.shape[1]
+    with torch.no_grad():
+        logits = model.module(ids, torch.arange(length, device="cuda")[None], causal_mask(None, length, length, "cuda"),
+                              None).float()[0, len(prompt) - 1:]
+    return logits.max(-1).values - logits.gather(-1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+
+
+def test_batched_decode_gives_each_prompts_own_tokens_in_graphs_too():
+    """A batch of prompts of different lengths (left-padded inside) decodes to each prompt's
+    tokens alone (eager, cuBLAS). The captured step's batched Triton GEMVs (bf16, nibble) sum in
+    another order, and the tiny random model's bf16 logits tie often (top-2 gap 0 at some steps),
+    so their tokens may part ways after a tie: each token they pick must be a top logit of its
+    own sequence, within 4 bf16 steps (a padding or row mix-up picks tokens ~0.9 below the top),
+    and every run must give the same tokens."""
+    prompts = [list(b"graphs"), list(b"a longer prompt"), list(b"hi")]
+    eager = codecllm.load("tiny", device="cuda", cuda_graphs=False)
+    expected = [eager.generate(p, 24) for p in prompts]
+    assert eager.generate(prompts, 24) == expected
+    for weights, cache in [(None, "none"), ("nibble", "fused")]:
+        model = codecllm.load("tiny", device="cuda", weights=weights, cache=cache, cuda_graphs=True)
+        first = model.generate(prompts, 24)
+        for prompt, tokens in zip(prompts, first):
+            assert _gaps_below_top(eager, prompt, tokens).max().item() <= 0.03, (weights, prompt)
+        assert model.generate(prompts, 24) == first, weights
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_auto_prefetch_is_race_free_under_repetition(graphs):
     # the reference decodes eagerly with cuBLAS linears, as auto's decompressed weights do, so

@@ -1,10 +1,12 @@
-"""GemvLinear: nn.Linear whose single-row calls inside a CUDA-graph decode step run our Triton
+"""GemvLinear: nn.Linear whose calls of 1-8 rows inside a CUDA-graph decode step run our Triton
 GEMV instead of cuBLAS; `fused_projections`: several linears over one input in one launch.
 
-The uncompressed baseline must be the best GEMV we can measure, not just cuBLAS: at batch 1 our
-Triton kernel beats cuBLAS on every decode shape of the benchmarks (benchmarks/gemv.py), at
-batches 2-8 it does not, and outside a captured graph its host-side launch costs more than
-cuBLAS's. So it is used for one row, inside `graph_step()`, and cuBLAS everywhere else.
+The uncompressed baseline must be the best GEMV we can measure, not just cuBLAS. Inside a
+captured decode step our Triton GEMVs (one launch for q/k/v, one for gate/up with SiLU) beat
+cuBLAS's separate calls end to end at every batch measured (benchmarks/decode.py, H100: batch 1
+and 4-8, tinyllama 1.22-1.26x, 8B 1.12x at batch 8), though cuBLAS wins on a few shapes alone at
+batch 8 (benchmarks/gemv.py). Outside a captured graph the Triton launch's host cost is more than
+cuBLAS's, so cuBLAS runs everywhere else.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codecllm.codecs.kernels_available import fused_gemv_possible
+from codecllm.codecs.kernels_available import fused_gemv_possible, gemv_rows_fit
 from codecllm.models import fused
 
 _in_graph_step = contextvars.ContextVar("codecllm_graph_step", default=False)
@@ -33,8 +35,8 @@ def graph_step():
 
 
 def _triton_gemv_applies(x: torch.Tensor) -> bool:
-    """Whether an uncompressed linear takes our Triton GEMV for x: one row, in a graph step."""
-    return _in_graph_step.get() and x.numel() == x.shape[-1] and fused_gemv_possible(x.device)
+    """Whether an uncompressed linear takes our Triton GEMV for x: 1-8 rows, in a graph step."""
+    return _in_graph_step.get() and gemv_rows_fit(x) and fused_gemv_possible(x.device)
 
 
 class GemvLinear(nn.Linear):
@@ -62,7 +64,7 @@ def fused_projections(x: torch.Tensor, linears, gated: bool = False) -> torch.Te
     last dimension, from one GEMV launch; with gated=True (gate, up) silu(gate(x)) * up(x).
     None where the single-launch kernel does not apply (the caller then runs each linear):
     it applies where each linear alone would take a Triton GEMV, i.e. uncompressed linears
-    inside a graph step at one row, or nibble weights under the `fused` policy at <= 8 rows.
+    inside a graph step, or nibble weights under the `fused` policy, at <= 8 rows.
     A batch-1 decode step of a small model is bound by its kernel count, which this cuts."""
     from codecllm.weights.modules import CompressedLinear
 
