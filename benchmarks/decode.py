@@ -1,14 +1,15 @@
 """End-to-end generation on the GPU: codecllm (bf16 eager / CUDA graph / Triton GEMV, nibble fused,
 huffman with prefetch) against Hugging Face transformers on the same random
-weights, in the same run. Batch 1, bf16.
+weights, in the same run. bf16, batch 1 unless --batch says otherwise (B prompts of the same
+length; tok/s then counts the tokens of all B sequences).
 
-    python benchmarks/decode.py --model tinyllama-1.1b [--prompt 128] [--new 256] [--skip hf,compile,...]
+    python benchmarks/decode.py --model tinyllama-1.1b [--prompt 128] [--new 256] [--batch 1] [--skip hf,...]
     python benchmarks/decode.py --model llama-3.1-8b --skip hf,compile,triton,nibble,prefill \
         --name huffman-decode-llama-3.1-8b     (the huffman rows alone, kept apart from the main run)
 
 Decode speed is measured on the decode steps alone: time(generate N) - time(generate 1), over N - 1
-tokens, median of 3 runs after a warm-up (a captured graph is reused, as a server would).
-roofline_fraction = tok/s x (weight bytes + KV bytes read per token) / measured copy bandwidth.
+steps, median of 3 runs after a warm-up (a captured graph is reused, as a server would).
+roofline_fraction = steps/s x (weight bytes + KV bytes read per step) / measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -45,12 +46,18 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def decode_speed(generate, new: int, runs: int = 3) -> float:
-    """Tokens/s of the decode steps: (N - 1) / (time(N) - time(1))."""
+def decode_speed(generate, new: int, batch: int = 1, runs: int = 3) -> float:
+    """Tokens/s of the decode steps: batch x (N - 1) / (time(N) - time(1))."""
     generate(new)  # warm-up: kernels, captured graph, caches
     full = statistics.median(timed(lambda: generate(new)) for _ in range(runs))
     first = statistics.median(timed(lambda: generate(1)) for _ in range(runs))
-    return (new - 1) / max(full - first, 1e-9)
+    return batch * (new - 1) / max(full - first, 1e-9)
+
+
+def same_steps(tokens, reference) -> int:
+    """Decode steps, from the first, at which every sequence's token equals the reference's."""
+    rows = zip(*(tokens, reference)) if tokens and isinstance(tokens[0], list) else [(tokens, reference)]
+    return min(next((i for i, (a, b) in enumerate(zip(t, r)) if a != b), len(t)) for t, r in rows)
 
 
 def free_gpu_memory() -> None:
@@ -60,7 +67,7 @@ def free_gpu_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def ours(model_name, prompt, new, weights=None, cache="auto", cuda_graphs=None, gemv="auto", storage="gpu",
+def ours(model_name, prompts, new, weights=None, cache="auto", cuda_graphs=None, gemv="auto", storage="gpu",
          reuse=None):
     """One row: load (and encode) the model, or take `reuse` (a model of an earlier row with the
     same weights) and switch its cache policy: the 8B shape's huffman encode takes minutes."""
@@ -81,9 +88,9 @@ def ours(model_name, prompt, new, weights=None, cache="auto", cuda_graphs=None, 
     tokens = {}
 
     def generate(n):
-        tokens[n] = model.generate(prompt, n)
+        tokens[n] = model.generate(prompts if len(prompts) > 1 else prompts[0], n)
 
-    speed = decode_speed(generate, new)
+    speed = decode_speed(generate, new, len(prompts))
     held = model.weight_bytes()
     result = {"tok_s": speed, "weights_held": held["weights_held"], "weights_original": held["weights_original"],
               "gpu_memory": torch.cuda.memory_allocated() - before,
@@ -104,9 +111,9 @@ def hf_model_from(model):
     return hf.eval()
 
 
-def hf_generator(hf, prompt):
-    """generate(n): exactly n greedy tokens from transformers' `generate` after `prompt`."""
-    ids = torch.tensor([prompt], device="cuda")
+def hf_generator(hf, prompts):
+    """generate(n): exactly n greedy tokens from transformers' `generate` after each prompt."""
+    ids = torch.tensor(prompts, device="cuda")
 
     def generate(n):
         with torch.no_grad():
@@ -115,22 +122,22 @@ def hf_generator(hf, prompt):
     return generate
 
 
-def hf_eager(model, prompt, new):
+def hf_eager(model, prompts, new):
     hf = hf_model_from(model)
-    generate = hf_generator(hf, prompt)
+    generate = hf_generator(hf, prompts)
 
-    speed = decode_speed(generate, new)
-    out = generate(new)[0, len(prompt):].tolist()
-    return hf, {"tok_s": speed, "tokens": out}
+    speed = decode_speed(generate, new, len(prompts))
+    out = generate(new)[:, len(prompts[0]):].tolist()
+    return hf, {"tok_s": speed, "tokens": out if len(prompts) > 1 else out[0]}
 
 
-def hf_static_compile(hf, prompt, new):
+def hf_static_compile(hf, prompts, new):
     hf.generation_config.cache_implementation = "static"
     hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
-    generate = hf_generator(hf, prompt)
+    generate = hf_generator(hf, prompts)
 
     try:
-        return {"tok_s": decode_speed(generate, new)}
+        return {"tok_s": decode_speed(generate, new, len(prompts))}
     except Exception as exc:  # noqa: BLE001 - its documented fast path may fail on this stack
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
 
@@ -149,12 +156,17 @@ def main() -> None:
     parser.add_argument("--model", default="tinyllama-1.1b")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (1-8 take the GEMV kernels)")
     parser.add_argument("--skip", default="", help="comma-separated: hf,compile,triton,nibble,huffman,prefill")
-    parser.add_argument("--name", help="result file name (default decode-MODEL)")
+    parser.add_argument("--name", help="result file name (default decode-MODEL, decode-MODEL-bB for a batch)")
     args = parser.parse_args()
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
     skip = set(args.skip.split(","))
     config = codecllm.models.ModelConfig.from_name(args.model)
-    prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    # sequence b's prompt: seed b (sequence 0 is the batch-1 run's prompt)
+    prompts = [torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(b)).tolist()
+               for b in range(args.batch)]
     bandwidth = copy_bandwidth()
     rows: dict[str, dict] = {}
 
@@ -162,47 +174,47 @@ def main() -> None:
         rows[label] = result
         print(f"{label:40s} {result.get('tok_s', float('nan')):8.1f} tok/s  {result.get('error', '')}", flush=True)
 
-    model, r = ours(args.model, prompt, args.new, cuda_graphs=False, gemv="cublas")
+    model, r = ours(args.model, prompts, args.new, cuda_graphs=False, gemv="cublas")
     record("codecllm bf16 eager (cuBLAS)", r)
     baseline_tokens = r["tokens"]
     if "hf" not in skip:
-        hf, r = hf_eager(model, prompt, args.new)
+        hf, r = hf_eager(model, prompts, args.new)
         record("HF transformers eager", r)
         if "compile" not in skip:
-            record("HF static cache + torch.compile", hf_static_compile(hf, prompt, args.new))
+            record("HF static cache + torch.compile", hf_static_compile(hf, prompts, args.new))
         del hf
         torch._dynamo.reset()  # the compiled forward (and its graph pools) keep the HF weights alive
         free_gpu_memory()
     del model
-    model, r = ours(args.model, prompt, args.new, cuda_graphs=True, gemv="cublas")
+    model, r = ours(args.model, prompts, args.new, cuda_graphs=True, gemv="cublas")
     record("codecllm bf16 CUDA graph (cuBLAS)", r)
     graph_cublas_tokens = r["tokens"]
     del model
     if "triton" not in skip:
-        model, r = ours(args.model, prompt, args.new, cuda_graphs=True)
+        model, r = ours(args.model, prompts, args.new, cuda_graphs=True)
         record("codecllm bf16 CUDA graph (Triton GEMV)", r)
         del model
     if "nibble" not in skip:
-        model, r = ours(args.model, prompt, args.new, weights="nibble", cache="fused", cuda_graphs=True)
+        model, r = ours(args.model, prompts, args.new, weights="nibble", cache="fused", cuda_graphs=True)
         record("codecllm nibble fused, CUDA graph", r)
         del model
     if "huffman" not in skip:  # encoded once, each policy set on the same model
         model = None
         for fraction in (0.0, 0.1, 0.5):
             budget = int(config.parameter_count() * 2 * fraction)
-            model, r = ours(args.model, prompt, args.new, weights="huffman", cache=f"auto:{budget}", reuse=model)
+            model, r = ours(args.model, prompts, args.new, weights="huffman", cache=f"auto:{budget}", reuse=model)
             record(f"codecllm huffman auto {fraction:.0%} kept", r)
         # the same decode work without the host: decode + matmul per weight, replayed as a graph
-        model, r = ours(args.model, prompt, args.new, weights="huffman", cache="none", cuda_graphs=True, reuse=model)
+        model, r = ours(args.model, prompts, args.new, weights="huffman", cache="none", cuda_graphs=True, reuse=model)
         record("codecllm huffman none, CUDA graph", r)
         del model
 
-    kv_read = cache_bytes(config, 1, args.prompt + args.new // 2, torch.bfloat16)
+    kv_read = cache_bytes(config, args.batch, args.prompt + args.new // 2, torch.bfloat16)
     weight_bytes = config.parameter_count() * 2
     for label, r in rows.items():
         if "tok_s" in r and "weights_held" in r:
-            bytes_per_token = (r["weights_held"] if "nibble" in label else weight_bytes) + kv_read
-            r["roofline_fraction"] = r["tok_s"] * bytes_per_token / bandwidth
+            bytes_per_step = (r["weights_held"] if "nibble" in label else weight_bytes) + kv_read
+            r["roofline_fraction"] = r["tok_s"] / args.batch * bytes_per_step / bandwidth
             # Greedy tokens of random-weight models flip on near-ties when the summation order
             # changes (a graph attends over the padded cache bucket, our GEMVs tile differently),
             # so each row is compared with the bf16 run that computes the same way: decompressed
@@ -210,6 +222,7 @@ def main() -> None:
             reference = graph_cublas_tokens if "huffman" in label and graph_cublas_tokens else baseline_tokens
             if "tokens" in r:
                 r["same_tokens_as_bf16"] = r["tokens"] == reference
+                r["same_steps_as_bf16"] = same_steps(r["tokens"], reference)
     prefill = {}
     if "prefill" not in skip:
         cases = [("bf16", None, "auto"), ("nibble (decompress per layer)", "nibble", "fused")]
@@ -227,17 +240,20 @@ def main() -> None:
                          f"{r['roofline_fraction']:.2f}" if "roofline_fraction" in r else "-",
                          human_bytes(r["weights_held"]) if "weights_held" in r else "-",
                          human_bytes(r["stats"]["cache_bytes"]) if "stats" in r else "-",
-                         {True: "yes", False: "NO"}.get(r.get("same_tokens_as_bf16"), "-")]
+                         {True: "yes", False: f"NO (first {r.get('same_steps_as_bf16')} steps)"}.get(
+                             r.get("same_tokens_as_bf16"), "-")]
                         for label, r in rows.items()]))
     env = environment()
-    print(f"\n{args.model}; prompt {args.prompt}, {args.new} new tokens, batch 1; "
+    print(f"\n{args.model}; prompt {args.prompt}, {args.new} new tokens, batch {args.batch}; "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; {env['gpu']}; "
           f"torch {env['torch']}; {env['date']}")
     for r in rows.values():
         r.pop("tokens", None)
-    payload = {"model": args.model, "prompt": args.prompt, "new": args.new, "copy_bandwidth": bandwidth,
+    payload = {"model": args.model, "prompt": args.prompt, "new": args.new, "batch": args.batch,
+               "copy_bandwidth": bandwidth,
                "rows": rows, "prefill_tok_s": prefill, "environment": env}
-    print(f"wrote {write_result(args.name or f'decode-{args.model}', payload)}")
+    name = args.name or f"decode-{args.model}" + (f"-b{args.batch}" if args.batch > 1 else "")
+    print(f"wrote {write_result(name, payload)}")
 
 
 if __name__ == "__main__":

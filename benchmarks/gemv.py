@@ -1,6 +1,6 @@
 """GEMV microbenchmark: cuBLAS bf16 (F.linear), our Triton bf16 GEMV, and the fused nibble GEMV,
-per matrix shape of the tinyllama-1.1b and llama-3.1-8b decode steps, batch 1-8; then, at batch
-1, the launches the decode step really makes: q/k/v in one launch and gate/up with SiLU in one
+per matrix shape of the tinyllama-1.1b and llama-3.1-8b decode steps, batch 1-8; then, at the same batches,
+the launches the decode step really makes: q/k/v in one launch and gate/up with SiLU in one
 (cuBLAS: the separate F.linear calls, and F.silu(gate) * up).
 
     python benchmarks/gemv.py [--batches 1,2,4,8] [--sweep]
@@ -84,8 +84,8 @@ def groups(model: str) -> dict[str, list[tuple[int, int]]]:
     return {"q/k/v": [(q, h), (kv, h), (kv, h)], "gate/up + SiLU": [(f, h), (f, h)]}
 
 
-def bench_group(name: str, shapes: list[tuple[int, int]]) -> dict:
-    """One grouped launch (gated for gate/up) against cuBLAS's separate launches, batch 1."""
+def bench_group(name: str, shapes: list[tuple[int, int]], batch: int) -> dict:
+    """One grouped launch (gated for gate/up) against cuBLAS's separate launches."""
     gated = "SiLU" in name
     k = shapes[0][1]
     group_bytes = sum(n * k * 2 for n, _ in shapes)
@@ -94,7 +94,7 @@ def bench_group(name: str, shapes: list[tuple[int, int]]) -> dict:
     weights = [[(torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16() for n, _ in shapes]
                for _ in range(copies)]
     fused = [[NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in ws] for ws in weights]
-    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    x = torch.randn(batch, k, device="cuda", generator=g).bfloat16()
     pick = rotating(range(copies))
 
     def cublas():
@@ -105,7 +105,7 @@ def bench_group(name: str, shapes: list[tuple[int, int]]) -> dict:
              "triton_bf16": graph_time_ms(lambda: gemv_group(x, weights[pick()], gated=gated), calls=copies),
              "nibble": graph_time_ms(lambda: gemv_group(x, fused[pick()], gated=gated), calls=copies)}
     nibble_bytes = sum(w.sign_mantissa.numel() * 1.5 + w.escapes * 24 for w in fused[0])
-    return {"group": name, "shapes": shapes, "batch": 1, "ms": times,
+    return {"group": name, "shapes": shapes, "batch": batch, "ms": times,
             "gbps": {"cublas": group_bytes / times["cublas"] / 1e6,
                      "triton_bf16": group_bytes / times["triton_bf16"] / 1e6,
                      "nibble": nibble_bytes / times["nibble"] / 1e6},
@@ -153,14 +153,16 @@ def main() -> None:
     grouped = []
     for model in SHAPES:
         for name, shapes in groups(model).items():
-            r = bench_group(name, shapes)
-            r["model"] = model
-            grouped.append(r)
+            for batch in (int(b) for b in args.batches.split(",")):
+                r = bench_group(name, shapes, batch)
+                r["model"] = model
+                grouped.append(r)
     print()
     print(format_table(
-        ["model", "launch", "matrices", "cuBLAS bf16", "Triton bf16", "nibble fused", "nibble vs best bf16",
+        ["model", "launch", "matrices", "batch", "cuBLAS bf16", "Triton bf16", "nibble fused", "nibble vs best bf16",
          "nibble GB/s"],
-        [[r["model"], r["group"], " + ".join(f"{n}x{k}" for n, k in r["shapes"]), f"{r['ms']['cublas'] * 1e3:.1f} us",
+        [[r["model"], r["group"], " + ".join(f"{n}x{k}" for n, k in r["shapes"]), r["batch"],
+          f"{r['ms']['cublas'] * 1e3:.1f} us",
           f"{r['ms']['triton_bf16'] * 1e3:.1f} us", f"{r['ms']['nibble'] * 1e3:.1f} us",
           f"{r['nibble_vs_best_bf16']:.2f}x", f"{r['gbps']['nibble']:.0f}"] for r in grouped]))
     env = environment()

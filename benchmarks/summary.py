@@ -27,6 +27,14 @@ def main() -> None:
         best_bf16 = max((r for k, r in rows.items() if k.startswith("codecllm bf16") and "tok_s" in r),
                         key=lambda r: r["tok_s"])
         nibble = rows.get("codecllm nibble fused, CUDA graph", {})
+        batch = data.get("batch", 1)
+        if batch > 1:  # decode-MODEL-bB: batches of B sequences, tok/s over all of them
+            for key, value in (("codecllm_bf16_tok_s_by_batch", best_bf16["tok_s"]),
+                               ("codecllm_nibble_tok_s_by_batch", nibble.get("tok_s")),
+                               ("nibble_vs_bf16_by_batch", nibble["tok_s"] / best_bf16["tok_s"] if nibble else None)):
+                summary.setdefault(key, {}).setdefault(model, {})[str(batch)] = value
+            summary["sources"].append(path.name)
+            continue
         summary["roofline_fraction"][model] = best_bf16["roofline_fraction"]
         summary["codecllm_bf16_tok_s"][model] = best_bf16["tok_s"]
         summary["hf_eager_tok_s"][model] = rows.get("HF transformers eager", {}).get("tok_s")
