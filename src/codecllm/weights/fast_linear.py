@@ -3,9 +3,9 @@ GEMV instead of cuBLAS; `fused_projections`: several linears over one input in o
 
 The uncompressed baseline must be the best GEMV we can measure, not just cuBLAS. Inside a
 captured decode step our Triton GEMVs (one launch for q/k/v, one for gate/up with SiLU) beat
-cuBLAS's separate calls end to end at every batch measured (benchmarks/decode.py, H100: batch 1
-and 4-8, tinyllama 1.22-1.26x, 8B 1.12x at batch 8), though cuBLAS wins on a few shapes alone at
-batch 8 (benchmarks/gemv.py). Outside a captured graph the Triton launch's host cost is more than
+cuBLAS's separate calls end to end at every batch measured (benchmarks/decode.py, H100: batches
+1, 4 and 8; at 4 and 8 tinyllama 1.23-1.25x, 8B 1.12-1.13x), though cuBLAS wins on a few shapes
+alone at batch 8 (benchmarks/gemv.py). Outside a captured graph the Triton launch's host cost is more than
 cuBLAS's, so cuBLAS runs everywhere else.
 """
 

@@ -9,7 +9,9 @@ Each program owns BLOCK_N rows and walks K in BK-wide tiles, keeping one fp32 pa
 row and column slot, reduced once at the end: a reduction per tile would cost a cross-warp
 exchange and a barrier every iteration. Batches of 2-8 run on tensor cores: the plain kernel
 through `tl.dot`, the nibble kernel decoding straight into the MMA's operand registers
-(`_nibble_rows_dot`: no shared memory in its loop, loads a loop turn ahead). On tensor cores a
+(`_nibble_rows_dot`: no shared memory in its loop, loads a loop turn ahead); small matrices at
+batches 2-4 stay on CUDA cores, a few rows a program, each weight read once for the batch
+(latency-bound there, they fill the GPU with programs sooner). On tensor cores a
 program holds at least 16 rows, so a matrix of few rows leaves SMs idle: there K is split in
 spans (a second grid axis), each span's fp32 sums go to a workspace, and the last span of a row
 block to finish adds them in split order (the same result on every run, unlike atomic adds).
@@ -103,8 +105,9 @@ def _nibble_rows(
     # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
     # divisibility (it specialises arguments divisible by 16), which is what lets it issue
     # 16-byte loads. EVEN: every tile is full (N % BLOCK_N == 0, K % BK == 0): no masks.
-    # Batches can use the same loop with a batch dimension (a config with tensor cores off): each
-    # weight is decoded once and used in B FMAs; by default batches take _nibble_rows_dot.
+    # Batches use the same loop with a batch dimension where _config keeps them on CUDA cores
+    # (small matrices, batches 2-4): each weight is decoded once and used in B FMAs; other
+    # batches take _nibble_rows_dot.
     BW: tl.constexpr = BK // 4  # 32-bit words of sign+mantissa bytes per tile row
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -470,7 +473,8 @@ def _plain_rows(
     row_start = weight + rows.to(tl.int64)[:, None] * K
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, B_PAD), dtype=tl.float32)
-    elif B_PAD == 1:
+    elif B_PAD == 1:  # apart from the batch loop below: as that loop with B_PAD = 1 batch 1 compiles
+        # to 528 instructions and 48 registers instead of 424 and 40 (Triton 3.6)
         acc2 = tl.zeros((BLOCK_N, BK), dtype=tl.float32)
     else:  # a few rows on CUDA cores: each weight loaded once, used in B_PAD FMAs
         acc3 = tl.zeros((B_PAD, BLOCK_N, BK), dtype=tl.float32)
@@ -534,17 +538,16 @@ def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tu
     """(BLOCK_N, BK, num_warps, splits of K, tensor cores[, pipeline stages]) for a launch over n
     rows in all (gate and up both counted when gated), from sweeps on an H100 (benchmarks/gemv.py
     `--sweep`, `--sweep-batch`; scratch/sweep4.py on branch wip/nibble-mma-registers)."""
-    small = n * k <= 1 << 22  # 8 MB of bf16 or less: latency-bound, a few rows a program do better
-    if batch == 1 or (batch == 2 and small and nibble):  # CUDA cores, each weight decoded once for the batch
-        if nibble:
+    # a small matrix (<= 4 M weights, 8 MB of bf16) is latency-bound: at batches 2-4 a few rows a
+    # program on CUDA cores, each weight read once for the batch, beat tensor-core tiles
+    small = n * k <= 1 << 22
+    if nibble:
+        if batch == 1 or (batch == 2 and small):
             block_n, bk, warps = (1, 2048, 4) if n < 2048 else (1, 1024, 2) if n < 4096 else (1, 1024, 1)
             return block_n, bk, warps, 1, False
-        return (2, 2048, 8, 1, False) if k >= 2048 else (1, 1024, 4, 1, False)
-    if small and batch == 2:  # plain, CUDA cores
-        return (2, 2048, 4, 1, False) if n <= 1024 else (4, 1024, 4, 1, False)
-    if small and batch <= 4 and n <= (512 if nibble else 1024):
-        return (2, 2048, 4, 1, False) if nibble else (2, 1024, 4, 1, False)
-    if nibble:  # tensor cores: 16 rows a program, two MMA steps a loop turn, loads a turn ahead in
+        if small and batch <= 4 and n <= 512:
+            return 2, 2048, 4, 1, False
+        # tensor cores: 16 rows a program, two MMA steps a loop turn, loads a turn ahead in
         # registers (stages=1: Triton's own pipelining goes through shared memory, slower here);
         # K split where rows are few, 8 warps sharing K where K is long and rows few; 2 warps
         # where 4-warp programs would need 1.3-3 waves (5 fit an SM): the last one leaves most
@@ -552,6 +555,12 @@ def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tu
         programs = triton.cdiv(n, 16)
         warps = 8 if k >= 5000 and programs <= 256 else 2 if 640 <= programs <= 2048 and not gated else 4
         return 16, 128, warps, 4 if programs < 100 else 1, True, 1
+    if batch == 1:
+        return (2, 2048, 8, 1, False) if k >= 2048 else (1, 1024, 4, 1, False)
+    if small and batch == 2:
+        return (2, 2048, 4, 1, False) if n <= 1024 else (4, 1024, 4, 1, False)
+    if small and batch <= 4 and n <= 1024:
+        return 2, 1024, 4, 1, False
     # tensor cores; K split in spans where rows alone leave SMs idle
     programs = triton.cdiv(n, 64)
     splits = 8 if programs <= 16 else 4 if programs < 256 and k > 4096 else 1
@@ -568,7 +577,7 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
     if use_dot:  # tl.dot needs at least 16 rows and columns per operand; one row needs no padding
         block_n, bk = max(block_n, 16), max(bk, 16)
     else:
-        splits = 1  # CUDA cores: batch 1 fills the GPU with rows, and _nibble_rows takes no span
+        splits = 1  # CUDA cores: a few rows a program fill the GPU, and _nibble_rows takes no span
     if nibble and use_dot:  # one 16-row tile of the escape tables a program, K in MMA steps of 64 columns a warp
         block_n, bk = ESCAPE_TILE, triton.cdiv(bk, 64) * 64
     elif nibble:  # a program's rows within one tile of the escape table
