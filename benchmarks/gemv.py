@@ -43,12 +43,26 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
-def bench_shape(n: int, k: int, batch: int, configs=None, kernels=("nibble", "triton_bf16")) -> dict:
-    """configs: {kernel: [config tuples to time besides the default]}."""
-    g = torch.Generator(device="cuda").manual_seed(n * 31 + k)
-    copies = max(COPIES, -(-L2_FLUSH_BYTES // (n * k * 2)))
-    weights = [(torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16() for _ in range(copies)]
-    fused = [NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in weights]
+def weight_copies(shapes: list[tuple[int, int]], seed: int):
+    """Random bf16 matrices of `shapes` (one input width) and their nibble encodings, in enough
+    copies (at least COPIES) that a pass over them is more than L2_FLUSH_BYTES of bf16; built once
+    and timed at every batch. Returns (bf16 copies, nibble copies, generator for the inputs)."""
+    k = shapes[0][1]
+    copies = max(COPIES, -(-L2_FLUSH_BYTES // sum(n * k * 2 for n, _ in shapes)))
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    weights = [[(torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16() for n, _ in shapes]
+               for _ in range(copies)]
+    fused = [[NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in ws] for ws in weights]
+    return weights, fused, g
+
+
+def bench_shape(made, batch: int, configs=None, kernels=("nibble", "triton_bf16")) -> dict:
+    """One matrix (`made`: weight_copies of one shape) at one batch. configs: {kernel: [config
+    tuples to time besides the default]}."""
+    bf16_copies, nibble_copies, g = made
+    weights, fused = [ws[0] for ws in bf16_copies], [ws[0] for ws in nibble_copies]
+    copies = len(weights)
+    n, k = weights[0].shape
     x = torch.randn(batch, k, device="cuda", generator=g).bfloat16()
     ref = x.double() @ weights[0].double().T
     errors = {"cublas": rel_error(F.linear(x, weights[0]), ref), "triton_bf16": rel_error(gemv(x, weights[0]), ref),
@@ -84,16 +98,14 @@ def groups(model: str) -> dict[str, list[tuple[int, int]]]:
     return {"q/k/v": [(q, h), (kv, h), (kv, h)], "gate/up + SiLU": [(f, h), (f, h)]}
 
 
-def bench_group(name: str, shapes: list[tuple[int, int]], batch: int) -> dict:
-    """One grouped launch (gated for gate/up) against cuBLAS's separate launches."""
+def bench_group(name: str, shapes: list[tuple[int, int]], made, batch: int) -> dict:
+    """One grouped launch (gated for gate/up; `made`: weight_copies of `shapes`) against cuBLAS's
+    separate launches."""
     gated = "SiLU" in name
     k = shapes[0][1]
     group_bytes = sum(n * k * 2 for n, _ in shapes)
-    copies = max(COPIES, -(-L2_FLUSH_BYTES // group_bytes))
-    g = torch.Generator(device="cuda").manual_seed(k)
-    weights = [[(torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16() for n, _ in shapes]
-               for _ in range(copies)]
-    fused = [[NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in ws] for ws in weights]
+    weights, fused, g = made
+    copies = len(weights)
     x = torch.randn(batch, k, device="cuda", generator=g).bfloat16()
     pick = rotating(range(copies))
 
@@ -121,9 +133,11 @@ def main() -> None:
                              "six shapes")
     args = parser.parse_args()
     rows = []
+    batches = [int(b) for b in args.batches.split(",")]
     for model, shapes in SHAPES.items():
         for n, k in shapes:
-            for batch in (int(b) for b in args.batches.split(",")):
+            made = weight_copies([(n, k)], seed=n * 31 + k)
+            for batch in batches:
                 configs, kernels = None, ("nibble", "triton_bf16")
                 if batch == 1 and args.sweep:
                     configs = dict.fromkeys(kernels, list(itertools.product((1, 2), (1024, 2048), (1, 2, 4), (1,),
@@ -134,7 +148,7 @@ def main() -> None:
                                                                 (1,))),
                                "triton_bf16": list(itertools.product((16, 32, 64), (64, 128, 256), (4,),
                                                                      (1, 2, 4, 8), (True,)))}
-                r = bench_shape(n, k, batch, configs, kernels)
+                r = bench_shape(made, batch, configs, kernels)
                 r["model"] = model
                 rows.append(r)
                 for kernel in kernels:
@@ -143,6 +157,7 @@ def main() -> None:
                         best = min(timings)
                         print(f"sweep {n}x{k} b{batch}: best {best[1]} {best[0] * 1e3:.1f} us "
                               f"(default {r['ms'][kernel] * 1e3:.1f} us)", flush=True)
+            del made
     print(format_table(
         ["model", "N x K", "batch", "cuBLAS bf16", "Triton bf16", "nibble fused", "nibble vs best bf16",
          "nibble GB/s", "err cuBLAS", "err nibble"],
@@ -153,10 +168,12 @@ def main() -> None:
     grouped = []
     for model in SHAPES:
         for name, shapes in groups(model).items():
-            for batch in (int(b) for b in args.batches.split(",")):
-                r = bench_group(name, shapes, batch)
+            made = weight_copies(shapes, seed=shapes[0][1])
+            for batch in batches:
+                r = bench_group(name, shapes, made, batch)
                 r["model"] = model
                 grouped.append(r)
+            del made
     print()
     print(format_table(
         ["model", "launch", "matrices", "batch", "cuBLAS bf16", "Triton bf16", "nibble fused", "nibble vs best bf16",

@@ -31,7 +31,8 @@ def main() -> None:
         if batch > 1:  # decode-MODEL-bB: batches of B sequences, tok/s over all of them
             for key, value in (("codecllm_bf16_tok_s_by_batch", best_bf16["tok_s"]),
                                ("codecllm_nibble_tok_s_by_batch", nibble.get("tok_s")),
-                               ("nibble_vs_bf16_by_batch", nibble["tok_s"] / best_bf16["tok_s"] if nibble else None)):
+                               ("nibble_vs_bf16_by_batch",
+                                nibble["tok_s"] / best_bf16["tok_s"] if "tok_s" in nibble else None)):
                 summary.setdefault(key, {}).setdefault(model, {})[str(batch)] = value
             summary["sources"].append(path.name)
             continue
