@@ -111,6 +111,24 @@ def test_cli_generate_bad_kv(capsys):
     assert "--kv takes on, off" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-new-tokens", "-1", "max_new_tokens must be >= 0, got -1"),
+    ("--max-new-tokens", "5000", "exceeds the model's maximum length 2048"),
+    ("--temperature", "-1", "temperature must be >= 0"),
+    ("--top-p", "2", "top_p must be in (0, 1]"),
+])
+def test_cli_generate_checks_its_arguments_before_it_prints(capsys, option, value, message):
+    assert main(["generate", "tiny", "-p", "Hello", option, value]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err
+
+
+def test_streamed_generate_raises_at_the_call():
+    model = codecllm.load("tiny")
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 0"):
+        model.generate([1, 2], -1, stream=True)  # not at the first next()
+
+
 def test_cli_bench_summary_json_and_plots(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "tiny", "--device", "cpu", "--weights", "nibble", "--policies", "none,pin:10,all",

@@ -116,6 +116,16 @@ def parse_layer_spec(spec: str | None) -> list[str | tuple[int, int]] | None:
     return items
 
 
+def check_selects_some(spec: str | None, layers: list[str | tuple[int, int]] | None, names: list[str]) -> None:
+    """Raise CheckpointError when a `--layers` spec matches none of the weight `names`: a typo
+    would otherwise compress nothing and say so only in a count."""
+    if layers is not None and names and not any(matches_layers(n, layers) for n in names):
+        raise CheckpointError(
+            f"layers {spec!r} selects none of the {len(names)} weights (such as {names[0]!r}): "
+            "block ranges like 0-3 pick blocks, globs like '*mlp*' pick names"
+        )
+
+
 def matches_layers(name: str, layers: list[str | tuple[int, int]] | None) -> bool:
     """Whether `name` is selected: its block index is in a range, or a glob matches it."""
     if layers is None:
@@ -182,6 +192,16 @@ class _ShardWriter:
             self.pending, self.pending_bytes = {}, 0
 
 
+def check_compress_options(out_dir: str | Path, codec: str, layers: str | None, overwrite: bool):
+    """(the codec, the layer selection) for compress_checkpoint, or the error its options make,
+    raised before any work (the CLI checks them before it builds a named model)."""
+    impl = get_codec(codec)
+    selection = parse_layer_spec(layers)
+    if Path(out_dir).exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} already exists; pass --overwrite to replace it")
+    return impl, selection
+
+
 def compress_checkpoint(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -198,11 +218,9 @@ def compress_checkpoint(
     Raises CheckpointError for unreadable input or an existing `out_dir` without `overwrite`.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    impl = get_codec(codec)
-    selection = parse_layer_spec(layers)
+    impl, selection = check_compress_options(out_dir, codec, layers, overwrite)
     files = safetensors_files(model_dir)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists; pass --overwrite to replace it")
+    check_selects_some(layers, selection, _matrix_names(files))
     if out_dir.resolve() == model_dir.resolve():
         raise CheckpointError("the output directory must differ from the model directory")
 
@@ -225,6 +243,22 @@ def compress_checkpoint(
         raise
     summary.out_dir = out_dir
     return summary
+
+
+def _matrix_names(files: list[Path]) -> list[str]:
+    """The names of the 2-D floating-point weights, from the files' headers (no tensor read)."""
+    names = []
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    piece = handle.get_slice(name)
+                    if (name.endswith("weight") and len(piece.get_shape()) == 2
+                            and piece.get_dtype().startswith(("F", "BF"))):
+                        names.append(name)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{f} is not a readable safetensors file: {exc}") from None
+    return names
 
 
 def _write(model_dir, files, tmp, codec, selection, show_progress) -> CompressSummary:

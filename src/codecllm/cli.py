@@ -44,6 +44,7 @@ def model_directory(path_or_config: str, seed: int = 0) -> Iterator[Path]:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    checkpoint.check_compress_options(args.out, args.codec, args.layers, args.overwrite)  # before building a model
     with model_directory(args.model) as model_dir:
         start = time.perf_counter()
         summary = checkpoint.compress_checkpoint(model_dir, args.out, codec=args.codec, layers=args.layers,

@@ -52,11 +52,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = model.encode(args.prompt)
     if not prompt:
         raise ConfigError("the prompt encodes to no tokens: give some text with -p")
+    # the arguments are checked here, before the prompt is echoed
+    tokens = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=model.stop_ids, stream=True)
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
     count = 0
-    for token in model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, stop=model.stop_ids, stream=True):
+    for token in tokens:
         print(model.decode([token]), end="", flush=True)
         count += 1
     seconds = time.perf_counter() - start

@@ -60,7 +60,6 @@ def positions_of(padding: torch.Tensor) -> torch.Tensor:
     return (padding.long().cumsum(-1) - 1).clamp(min=0)
 
 
-@torch.inference_mode()
 def generate_tokens(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -80,6 +79,8 @@ def generate_tokens(
     input_ids, padding: (B, T), left-padded; max_len: the model's position limit.
     cuda_graph: capture one decode step as a CUDA graph and replay it (needs kv; the first
     token comes from an eager prefill). `graphs` keeps captured graphs for reuse across calls.
+    The arguments are checked here, before the first step: a mistake raises at the call, not at
+    the first token a caller asks for (after it has printed the prompt, say).
     """
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
@@ -97,7 +98,16 @@ def generate_tokens(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"maximum length {max_len}"
         )
-    sampling = sampling or Sampling()
+    return _steps(model, input_ids, padding, max_new_tokens, max_len, sampling or Sampling(), variant, kv_dtype,
+                  on_step, cuda_graph, graphs)
+
+
+@torch.inference_mode()
+def _steps(model, input_ids, padding, max_new_tokens, max_len, sampling, variant, kv_dtype, on_step, cuda_graph,
+           graphs) -> Iterator[torch.Tensor]:
+    """generate_tokens' steps, its arguments checked."""
+    batch, prompt_len = input_ids.shape
+    unbounded = variant.startswith(("sliding:", "h2o:"))
     device = input_ids.device
     generator = None
     if sampling.seed is not None:

@@ -1,6 +1,7 @@
 """The checkpoint format: exact round trip of every tensor, selection, and bad input."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -190,3 +191,20 @@ def test_bad_layer_spec(model_dir, tmp_path):
     with pytest.raises(CheckpointError, match="3-1"):
         codecllm.compress_checkpoint(model_dir, tmp_path / "o", layers="3-1")
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+@pytest.mark.parametrize("layers", ["0-x", "*q-proj*", "7-9"])
+def test_a_layer_spec_that_selects_nothing_is_refused_before_any_work(model_dir, tmp_path, layers):
+    """A typo would otherwise write a checkpoint with nothing compressed (model_dir has blocks 0-1)."""
+    with pytest.raises(CheckpointError, match=f"layers '{re.escape(layers)}' selects none of the"):
+        codecllm.compress_checkpoint(model_dir, tmp_path / "o", layers=layers, show_progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no output, no partial directory
+
+
+def test_compress_model_refuses_a_layer_spec_that_selects_nothing():
+    from codecllm.models.loader import build_model
+
+    model = build_model(TINY)
+    with pytest.raises(CheckpointError, match="selects none of the"):
+        codecllm.compress_model(model, layers="*q-proj*")
+    assert not hasattr(model, "weight_cache")

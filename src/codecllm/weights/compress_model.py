@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from codecllm.checkpoint import matches_layers, parse_layer_spec
+from codecllm.checkpoint import check_selects_some, matches_layers, parse_layer_spec
 from codecllm.codecs import get_codec
 from codecllm.errors import ConfigError
 from codecllm.weights.cache import WeightCache
@@ -37,6 +37,8 @@ def compress_model(model: nn.Module, codec: str = "huffman", layers: str | None 
     weight_cache = cache if isinstance(cache, WeightCache) else WeightCache(cache, log=log)
     shared: dict[int, nn.Module] = {}
     replacements = []
+    layer_names = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    check_selects_some(layers, selection, [name + ".weight" for name in layer_names])
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Embedding)) or not _selected(name, selection):
             continue
