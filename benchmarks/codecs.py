@@ -50,7 +50,7 @@ def ours(weights: torch.Tensor, skip_cpu_decode: bool) -> list[dict]:
         row = {"codec": f"codecllm {name}", "size": encoded.ratio,
                "encode_mweights_s": weights.numel() / encode_s / 1e6}
         if not skip_cpu_decode:
-            decode_s = cpu_time_s(lambda e=encoded: codecllm.decode(e), repeat=2)
+            decode_s = cpu_time_s(lambda e=encoded: codecllm.decode(e), repeat=3)
             row["cpu_decode_gbps"] = encoded.original_nbytes / decode_s / 1e9
         if gpu_available() and CODECS[name].has_gpu_decoder:
             copies = [encoded.to("cuda") for _ in range(COPIES)]

@@ -226,15 +226,23 @@ class HuffmanCodec(Codec):
             )
 
     def decode_cpu(self, encoded: EncodedTensor, verify: bool = True) -> torch.Tensor:
+        # Lanes decode one symbol a step, all lanes of a chunk at once. Per step: one gather of
+        # a 64-bit window (precomputed for every word of the stream), one peek, and gathers of
+        # the symbol and of how far to move from three tables derived from the decode table.
         layout, rest, stream, offsets, table, steps, code_bits, total_bits, lanes = self.parts(encoded)
         numel = encoded.numel
-        exponent = torch.empty(numel, dtype=torch.int64)
-        extra = torch.zeros(numel, dtype=torch.int64)
         words = stream.to(torch.int64) & 0xFFFFFFFF
-        last_word = words.numel() - 2
-        table = table.to("cpu", torch.int64)
+        windows = words[:-1] | (words[1:] << 32)  # windows[w]: stream bits 32w .. 32w + 63
+        last_window = max(windows.numel() - 1, 0)
+        entries = table[: 1 << code_bits].to(torch.int64)
+        symbol_of = (entries & 0xFF).to(torch.uint8)
+        length_of = entries >> 8
+        # An invalid peek (length 0) moves its lane far past the end, so the end check raises.
+        advance_of = length_of + layout.extra_bits + (length_of == 0) * (1 << 40)
         peek_mask = (1 << code_bits) - 1
         extra_mask = (1 << layout.extra_bits) - 1
+        exponent = torch.empty(numel, dtype=torch.uint8)
+        extra = torch.zeros(numel if extra_mask else 0, dtype=torch.int32)
         ends = torch.empty(lanes, dtype=torch.int64)
         for first, last in chunks(lanes, max(1, CHUNK // steps)):
             position = offsets[first:last].to(torch.int64, copy=True)
@@ -245,23 +253,24 @@ class HuffmanCodec(Codec):
                 if count <= 0:
                     break
                 p = position[:count]
-                word = (p >> 5).clamp_(0, max(last_word, 0))
-                window = (words[word] | (words[word + 1] << 32)) >> (p & 31)
-                entry = table[window & peek_mask]
-                length = entry >> 8
+                # index_select: 3x faster than indexing with a tensor on CPU
+                window = windows.index_select(0, (p >> 5).clamp_(0, last_window)) >> (p & 31)
+                peek = window & peek_mask
                 out = step * lanes + first
-                exponent[out : out + count] = entry & 0xFF
+                torch.index_select(symbol_of, 0, peek, out=exponent[out : out + count])
                 if extra_mask:
-                    extra[out : out + count] = (window >> length) & extra_mask
-                # An invalid peek has length 0; adding the fixed extra width still moves the lane
-                # on, and its end position then disagrees with the offsets, which raises below.
-                position[:count] = p + length + layout.extra_bits + (length == 0) * (1 << 40)
+                    extra[out : out + count] = (window >> length_of.index_select(0, peek)) & extra_mask
+                p += advance_of.index_select(0, peek)
             ends[first:last] = position
         if verify and lanes:
             self.check_ends(ends, offsets, total_bits)
-        rest_value = extra << (8 * layout.rest_bytes)
-        for plane in range(layout.rest_bytes):
-            rest_value |= rest[plane].to(torch.int64) << (8 * plane)
+        rest_value = rest[0]
+        if layout.rest_bytes > 1 or extra_mask:  # fp16, fp32: the planes, then the extra bits above
+            rest_value = rest_value.to(torch.int32)
+            for plane in range(1, layout.rest_bytes):
+                rest_value |= rest[plane].to(torch.int32) << (8 * plane)
+            if extra_mask:
+                rest_value |= extra << (8 * layout.rest_bytes)
         return layout.join(exponent, rest_value)
 
     def decode_gpu(self, encoded: EncodedTensor, verify: bool = True) -> torch.Tensor:
@@ -272,3 +281,4 @@ class HuffmanCodec(Codec):
         if verify and lanes:
             self.check_ends(ends, offsets, total_bits)
         return out
+

@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 
 from codecllm.codecs.base import LAYOUTS, Codec, EncodedTensor, buffer, expect_size
-from codecllm.codecs.chunks import chunks, index_dtype
+from codecllm.codecs.chunks import CHUNK, chunks, index_dtype
 from codecllm.errors import CodecError
 
 BF16 = LAYOUTS[torch.bfloat16]
 ESCAPE = 15
+SIGN_AND_MANTISSA = -0x7F81  # 0x807F as int16: bf16's sign bit and mantissa bits
 TILE = 1 << 16  # elements; tiles are independent (every element is), this sets GPU work units
 
 
@@ -108,21 +109,33 @@ class NibbleCodec(Codec):
             )
 
     def decode_cpu(self, encoded: EncodedTensor, verify: bool = True) -> torch.Tensor:
+        # int16 bits, a pair of weights per codes byte: a 256-entry table gives both exponent
+        # fields as one int32 (element 2i in the low half), and sign + mantissa come from
+        # byte * 0x101 (the byte in both halves) masked to bit 15 and bits 0-6. ~10x the int64
+        # per-element version (0.6-1 GB/s of bf16 on 2 cores).
         sign_mantissa, codes, escape_index, escape_exponent, base = self._parts(encoded)
         numel = encoded.numel
-        out = torch.empty(numel, dtype=torch.bfloat16)
+        byte = torch.arange(256, dtype=torch.int32)
+        exponent_pairs = (((byte & 15) + base) << 7) | (((byte >> 4) + base) << 23)
+        escapes_in_byte = ((byte & 15) == ESCAPE).long() + ((byte >> 4) == ESCAPE).long()
+        out = torch.empty(codes.numel() * 2, dtype=torch.int16)
         escape_count = 0
-        for start, end in chunks(numel):
-            packed = codes[start // 2 : (end + 1) // 2].to(torch.int64)
-            code = torch.stack([packed & 15, packed >> 4], dim=1).view(-1)[: end - start]
-            escape_count += int((code == ESCAPE).sum())
-            exponent = code + base
-            lo, hi = torch.searchsorted(escape_index, torch.tensor([start, end])).tolist()
-            exponent[escape_index[lo:hi] - start] = escape_exponent[lo:hi].to(torch.int64)
-            out[start:end] = BF16.join(exponent, sign_mantissa[start:end].to(torch.int64))
+        for start, end in chunks(codes.numel(), CHUNK // 2):
+            packed = codes[start:end]
+            escape_count += int(torch.bincount(packed, minlength=256) @ escapes_in_byte)
+            bits = out[2 * start : 2 * end]
+            torch.index_select(exponent_pairs, 0, packed.int(), out=bits.view(torch.int32))
+            lo, hi = 2 * start, min(2 * end, numel)
+            bits[: hi - lo] |= (sign_mantissa[lo:hi].to(torch.int16) * 0x101) & SIGN_AND_MANTISSA
+        if numel % 2 and int(codes[-1]) >> 4 == ESCAPE:
+            escape_count -= 1  # the padding nibble after the last element is not an element
         if verify:
             self._check_escapes(encoded, codes, escape_index, escape_count)
-        return out
+        out = out[:numel]
+        if escape_index.numel():
+            kept = out[escape_index] & SIGN_AND_MANTISSA
+            out[escape_index] = kept | (escape_exponent.to(torch.int16) << 7)
+        return out.view(torch.bfloat16)
 
     def decode_gpu(self, encoded: EncodedTensor, verify: bool = True) -> torch.Tensor:
         from codecllm.codecs.kernels.nibble_decode import nibble_decode
