@@ -228,24 +228,26 @@ class HuffmanCodec(Codec):
     def decode_cpu(self, encoded: EncodedTensor, verify: bool = True) -> torch.Tensor:
         # Lanes decode one symbol a step, all lanes of a chunk at once. Per step: one gather of
         # a 64-bit window (precomputed for every word of the stream), one peek, and gathers of
-        # the symbol and of how far to move from three tables derived from the decode table.
+        # the symbol and of how far to move, from tables derived from the decode table. In NumPy:
+        # a step is a few small array ops, and NumPy's per-op cost is a fraction of torch's
+        # (3-4x faster on a 0.2 M-weight matrix, as fast on large ones).
         layout, rest, stream, offsets, table, steps, code_bits, total_bits, lanes = self.parts(encoded)
         numel = encoded.numel
-        words = stream.to(torch.int64) & 0xFFFFFFFF
-        windows = words[:-1] | (words[1:] << 32)  # windows[w]: stream bits 32w .. 32w + 63
-        last_window = max(windows.numel() - 1, 0)
-        entries = table[: 1 << code_bits].to(torch.int64)
-        symbol_of = (entries & 0xFF).to(torch.uint8)
-        length_of = entries >> 8
+        words = stream.numpy().view(np.uint32).astype(np.uint64)
+        windows = words[:-1] | (words[1:] << np.uint64(32))  # windows[w]: stream bits 32w .. 32w + 63
+        last_window = max(windows.size - 1, 0)
+        entries = table[: 1 << code_bits].numpy().astype(np.int64)
+        symbol_of = (entries & 0xFF).astype(np.uint8)
+        length_of = (entries >> 8).astype(np.uint64)
         # An invalid peek (length 0) moves its lane far past the end, so the end check raises.
-        advance_of = length_of + layout.extra_bits + (length_of == 0) * (1 << 40)
-        peek_mask = (1 << code_bits) - 1
-        extra_mask = (1 << layout.extra_bits) - 1
-        exponent = torch.empty(numel, dtype=torch.uint8)
-        extra = torch.zeros(numel if extra_mask else 0, dtype=torch.int32)
-        ends = torch.empty(lanes, dtype=torch.int64)
+        advance_of = (entries >> 8) + layout.extra_bits + (entries >> 8 == 0) * (1 << 40)
+        peek_mask = np.uint64((1 << code_bits) - 1)
+        extra_mask = np.uint64((1 << layout.extra_bits) - 1)
+        exponent = np.empty(numel, dtype=np.uint8)
+        extra = np.zeros(numel if extra_mask else 0, dtype=np.int32)
+        ends = np.empty(lanes, dtype=np.int64)
         for first, last in chunks(lanes, max(1, CHUNK // steps)):
-            position = offsets[first:last].to(torch.int64, copy=True)
+            position = offsets[first:last].numpy().astype(np.int64)
             if verify and lanes and (bool((position < 0).any()) or bool((position > total_bits).any())):
                 raise CodecError("huffman lane offsets point outside the stream: corrupted")
             for step in range(steps):
@@ -253,25 +255,25 @@ class HuffmanCodec(Codec):
                 if count <= 0:
                     break
                 p = position[:count]
-                # index_select: 3x faster than indexing with a tensor on CPU
-                window = windows.index_select(0, (p >> 5).clamp_(0, last_window)) >> (p & 31)
-                peek = window & peek_mask
+                # uint64 throughout: NumPy would take uint64 with int64 to float64
+                window = windows[np.minimum(p >> 5, last_window)] >> (p & 31).astype(np.uint64)
+                peek = (window & peek_mask).astype(np.intp)
                 out = step * lanes + first
-                torch.index_select(symbol_of, 0, peek, out=exponent[out : out + count])
+                np.take(symbol_of, peek, out=exponent[out : out + count])
                 if extra_mask:
-                    extra[out : out + count] = (window >> length_of.index_select(0, peek)) & extra_mask
-                p += advance_of.index_select(0, peek)
+                    extra[out : out + count] = (window >> length_of[peek]) & extra_mask
+                p += advance_of[peek]
             ends[first:last] = position
         if verify and lanes:
-            self.check_ends(ends, offsets, total_bits)
+            self.check_ends(torch.from_numpy(ends), offsets, total_bits)
         rest_value = rest[0]
         if layout.rest_bytes > 1 or extra_mask:  # fp16, fp32: the planes, then the extra bits above
             rest_value = rest_value.to(torch.int32)
             for plane in range(1, layout.rest_bytes):
                 rest_value |= rest[plane].to(torch.int32) << (8 * plane)
             if extra_mask:
-                rest_value |= extra << (8 * layout.rest_bytes)
-        return layout.join(exponent, rest_value)
+                rest_value |= torch.from_numpy(extra) << (8 * layout.rest_bytes)
+        return layout.join(torch.from_numpy(exponent), rest_value)
 
     def decode_gpu(self, encoded: EncodedTensor, verify: bool = True) -> torch.Tensor:
         from codecllm.codecs.kernels.huffman_decode import huffman_decode
