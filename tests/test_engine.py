@@ -8,6 +8,7 @@ import torch
 import codecllm
 from codecllm.cli import main
 from codecllm.errors import CacheError, ConfigError
+from codecllm.models import write_random_model
 
 
 def test_unknown_config_lists_supported():
@@ -121,6 +122,25 @@ def test_cli_generate_checks_its_arguments_before_it_prints(capsys, option, valu
     assert main(["generate", "tiny", "-p", "Hello", option, value]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and message in captured.err
+
+
+@pytest.mark.parametrize("device, message", [("foo", "'foo' is not a device; use cpu, cuda"),
+                                             ("mps", "'mps' is not supported"),
+                                             ("cuda:99", "'cuda:99'")])
+def test_a_device_this_machine_cannot_run_on_is_named(device, message, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=message):
+        codecllm.load("tiny", device=device)
+    with pytest.raises(ConfigError, match=message):
+        codecllm.decode(codecllm.encode(torch.ones(4, dtype=torch.bfloat16), "nibble"), device)
+    codecllm.compress_checkpoint(write_random_model("tiny", tmp_path / "m"), tmp_path / "c", show_progress=False)
+    assert main(["verify", str(tmp_path / "c"), "--device", device]) == 1  # one line, no traceback
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_named():
+    with pytest.raises(ConfigError, match="'cuda' was asked for but CUDA is not available here"):
+        codecllm.load("tiny", device="cuda")
 
 
 def test_streamed_generate_raises_at_the_call():

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from codecllm.codecs import EncodedTensor, decode, encode, get_codec
 from codecllm.codecs.base import dtype_from_name, dtype_name
+from codecllm.devices import device_of
 from codecllm.errors import CheckpointError, CodecError
 from codecllm.progress import progress
 
@@ -396,7 +397,7 @@ def load_encoded(path: str | Path) -> dict[str, EncodedTensor | torch.Tensor]:
 
 def load_state_dict(path: str | Path, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """The exact original tensors of a codecllm checkpoint (or of a plain HF-layout directory)."""
-    path = Path(path)
+    path, device = Path(path), device_of(device or "cpu")
     if not is_checkpoint(path):
         return {name: t.to(device or "cpu") for name, _, t in iter_safetensors(safetensors_files(path))}
     state = {}
@@ -427,7 +428,7 @@ class VerifyResult:
 
 def verify_checkpoint(path: str | Path, device: str | None = None, show_progress: bool = True) -> VerifyResult:
     """Decode every tensor and compare with the checksum of the original; collect failures."""
-    path = Path(path)
+    path, device = Path(path), device_of(device or "cpu")
     manifest = read_manifest(path)
     failures: list[str] = []
     checked = 0

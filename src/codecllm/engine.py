@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from codecllm.devices import device_of
 from codecllm.errors import ConfigError
 from codecllm.generate import Sampling, generate_tokens
 from codecllm.kv.cache import cache_bytes
@@ -238,9 +239,7 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
     torch_dtype = _dtype(dtype)
     if directory is None and torch_dtype is not None:
         config = config.replace(dtype=str(torch_dtype).removeprefix("torch."))
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but CUDA is not available here")
+    device = device_of(device)
     weight_cache = WeightCache(cache, log=log)
     with torch.device("meta"):
         module = build_model(config)

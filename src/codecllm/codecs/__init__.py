@@ -17,6 +17,7 @@ from codecllm.codecs.huffman import HuffmanCodec
 from codecllm.codecs.nibble import NibbleCodec
 from codecllm.codecs.raw import RawCodec
 from codecllm.codecs.zstd import ZstdCodec
+from codecllm.devices import device_of
 from codecllm.errors import CodecError
 
 CODECS: dict[str, Codec] = {c.name: c for c in (HuffmanCodec(), NibbleCodec(), ZstdCodec(), RawCodec())}
@@ -100,7 +101,7 @@ def decode(
         raise CodecError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     impl = get_codec(encoded.codec)
     check_dtype(impl, encoded.dtype)
-    target = torch.device(device) if device is not None else encoded.device
+    target = device_of(device) if device is not None else encoded.device
     use_triton = backend == "triton" or (
         backend == "auto" and target.type == "cuda" and impl.has_gpu_decoder
     )
