@@ -15,7 +15,7 @@ def device_of(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"device {device!r} is not a device; use {DEVICES}") from None
+        raise ConfigError(f"device {str(device)!r} is not a device; use {DEVICES}") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {str(device)!r} was asked for but CUDA is not available here")

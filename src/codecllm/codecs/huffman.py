@@ -230,7 +230,7 @@ class HuffmanCodec(Codec):
         # a 64-bit window (precomputed for every word of the stream), one peek, and gathers of
         # the symbol and of how far to move, from tables derived from the decode table. In NumPy:
         # a step is a few small array ops, and NumPy's per-op cost is a fraction of torch's
-        # (3-4x faster on a 0.2 M-weight matrix, as fast on large ones).
+        # (1.6x faster than torch on a 0.2 M-weight matrix, as fast or faster on large ones).
         layout, rest, stream, offsets, table, steps, code_bits, total_bits, lanes = self.parts(encoded)
         numel = encoded.numel
         words = stream.numpy().view(np.uint32).astype(np.uint64)
@@ -283,4 +283,3 @@ class HuffmanCodec(Codec):
         if verify and lanes:
             self.check_ends(ends, offsets, total_bits)
         return out
-

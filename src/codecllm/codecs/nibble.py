@@ -111,8 +111,8 @@ class NibbleCodec(Codec):
     def decode_cpu(self, encoded: EncodedTensor, verify: bool = True) -> torch.Tensor:
         # int16 bits, a pair of weights per codes byte: a 256-entry table gives both exponent
         # fields as one int32 (element 2i in the low half), and sign + mantissa come from
-        # byte * 0x101 (the byte in both halves) masked to bit 15 and bits 0-6. ~10x the int64
-        # per-element version (0.6-1 GB/s of bf16 on 2 cores).
+        # byte * 0x101 (the byte in both halves) masked to bit 15 and bits 0-6. 15-20x faster than
+        # unpacking codes and joining fields in int64 (1.0-1.6 GB/s of bf16 on 2 cores).
         sign_mantissa, codes, escape_index, escape_exponent, base = self._parts(encoded)
         numel = encoded.numel
         byte = torch.arange(256, dtype=torch.int32)
