@@ -32,6 +32,20 @@ def test_huffman_bad_lane_offset(backend, request):
         codecllm.decode(bad, backend=backend)
 
 
+@pytest.mark.parametrize("offset", [-2**31, 2**31 - 1])
+def test_unverified_cpu_decode_of_wild_lane_offsets_does_not_crash(offset):
+    """verify=False (the weight cache's path, for checksummed data) skips the checks, but an
+    offset far outside the stream still only gives wrong numbers, never an IndexError."""
+    def wild(offsets):
+        offsets[3] = offset
+        return offsets
+
+    bad = tampered(codecllm.encode(T, "huffman"), "lane_offsets", wild)
+    assert codecllm.decode(bad, backend="torch", verify=False).shape == T.shape
+    with pytest.raises(CodecError, match="lane offsets point outside the stream"):
+        codecllm.decode(bad, backend="torch")
+
+
 def test_huffman_truncated_stream():
     bad = tampered(codecllm.encode(T, "huffman"), "stream", lambda s: s[:-10])
     with pytest.raises(CodecError, match="stream"):

@@ -250,6 +250,7 @@ class HuffmanCodec(Codec):
             position = offsets[first:last].numpy().astype(np.int64)
             if verify and lanes and (bool((position < 0).any()) or bool((position > total_bits).any())):
                 raise CodecError("huffman lane offsets point outside the stream: corrupted")
+            np.maximum(position, 0, out=position)  # (unverified data) positions only grow from here
             for step in range(steps):
                 count = min(last, numel - step * lanes) - first  # valid lanes form a prefix
                 if count <= 0:
