@@ -97,6 +97,23 @@ def test_nibble_escape_mismatch():
         codecllm.decode(bad)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unverified_decode_of_wild_escape_indices_stays_inside_the_tensor(backend, request):
+    """verify=False skips the escape checks; an index outside the tensor must still write
+    nothing outside it (on the GPU that would corrupt other memory)."""
+    if backend == "triton":
+        request.getfixturevalue("triton_interpreter")
+
+    def wild(index):
+        index[0], index[1] = 10**7, -5
+        return index
+
+    bad = tampered(codecllm.encode(T, "nibble"), "escape_index", wild)
+    assert codecllm.decode(bad, backend=backend, verify=False).shape == T.shape
+    with pytest.raises(CodecError, match="out of range or not sorted"):
+        codecllm.decode(bad, backend=backend)
+
+
 def test_nibble_missing_buffer():
     encoded = codecllm.encode(T, "nibble")
     buffers = {k: v for k, v in encoded.buffers.items() if k != "codes"}

@@ -133,8 +133,8 @@ class NibbleCodec(Codec):
             self._check_escapes(encoded, codes, escape_index, escape_count)
         out = out[:numel]
         if escape_index.numel():
-            kept = out[escape_index] & SIGN_AND_MANTISSA
-            out[escape_index] = kept | (escape_exponent.to(torch.int16) << 7)
+            at = escape_index.clamp(0, numel - 1)  # checked above; unverified data must not crash
+            out[at] = (out[at] & SIGN_AND_MANTISSA) | (escape_exponent.to(torch.int16) << 7)
         return out.view(torch.bfloat16)
 
     def decode_gpu(self, encoded: EncodedTensor, verify: bool = True) -> torch.Tensor:

@@ -25,10 +25,11 @@ def _nibble_decode_kernel(sign_mantissa, codes, out, numel, base, BLOCK: tl.cons
 
 
 @triton.jit
-def _patch_escapes_kernel(sign_mantissa, escape_index, escape_exponent, out, count, BLOCK: tl.constexpr):
+def _patch_escapes_kernel(sign_mantissa, escape_index, escape_exponent, out, count, numel, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < count
-    index = tl.load(escape_index + i, mask=mask, other=0).to(tl.int64)
+    index = tl.load(escape_index + i, mask=i < count, other=0).to(tl.int64)
+    # an index outside the tensor (unverified, corrupted data) writes nothing, not past `out`
+    mask = (i < count) & (index >= 0) & (index < numel)
     rest = tl.load(sign_mantissa + index, mask=mask, other=0).to(tl.int32)
     exponent = tl.load(escape_exponent + i, mask=mask, other=0).to(tl.int32)
     bits = nibble_bf16_bits(rest, exponent)
@@ -52,6 +53,6 @@ def nibble_decode(
     if escape_index is not None and escape_index.numel():
         count = escape_index.numel()
         _patch_escapes_kernel[(triton.cdiv(count, 1024),)](
-            sign_mantissa, escape_index, escape_exponent, out, count, BLOCK=1024, num_warps=4
+            sign_mantissa, escape_index, escape_exponent, out, count, numel, BLOCK=1024, num_warps=4
         )
     return out.view(torch.bfloat16)
