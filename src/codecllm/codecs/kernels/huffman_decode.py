@@ -71,14 +71,17 @@ def _huffman_decode_kernel(
         pid = pid.to(tl.int64)
     lane = pid * LANES + tl.arange(0, LANES)
     live = lane < lanes
-    start = tl.load(offsets + lane, mask=live, other=0).to(tl.int64)
+    # Offsets outside the stream (corrupted data) are clamped into it: such a lane decodes
+    # garbage and ends in the wrong place, which the end check reports; no load leaves the stream.
+    last_bit = tl.cast(words, tl.int64) * 32 - 1
+    start = tl.minimum(tl.maximum(tl.load(offsets + lane, mask=live, other=0).to(tl.int64), 0), last_bit)
 
     # Touch this program's stretch of the stream once, coalesced (WARM words at a time), so the
     # refills below find it in L1. The loads are kept by a store that `never` (0) disables.
-    low = tl.load(offsets + pid * LANES).to(tl.int64) >> 5
+    low = tl.minimum(tl.maximum(tl.load(offsets + pid * LANES).to(tl.int64), 0), last_bit) >> 5
     next_lane = (pid + 1) * LANES
     high = tl.load(offsets + next_lane, mask=next_lane < lanes, other=0).to(tl.int64) >> 5
-    high = tl.where(next_lane < lanes, high + 1, words)
+    high = tl.minimum(tl.where(next_lane < lanes, high + 1, words), words)
     touched = tl.zeros([WARM], dtype=tl.int32)
     for first in range(low, high, WARM):
         at = first + tl.arange(0, WARM)
