@@ -143,6 +143,16 @@ def test_cuda_without_cuda_is_named():
         codecllm.load("tiny", device="cuda")
 
 
+@pytest.mark.parametrize("model, kv, message", [("mambaformer-tiny", "int8", "takes kv on or off, not 'int8'"),
+                                               ("gpt2", "sliding:8", "needs a RoPE model")])
+def test_a_kv_cache_the_architecture_cannot_take_is_refused_at_load(model, kv, message, capsys):
+    with pytest.raises(CacheError, match=message):
+        codecllm.load(model, kv=kv)
+    assert main(["generate", model, "-p", "Hello", "--kv", kv]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err
+
+
 def test_streamed_generate_raises_at_the_call():
     model = codecllm.load("tiny")
     with pytest.raises(ConfigError, match="max_new_tokens must be >= 0"):

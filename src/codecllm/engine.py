@@ -13,7 +13,7 @@ from codecllm.devices import device_of
 from codecllm.errors import ConfigError
 from codecllm.generate import Sampling, generate_tokens
 from codecllm.kv.cache import cache_bytes
-from codecllm.kv.variants import parse_kv
+from codecllm.kv.variants import check_kv_for, parse_kv
 from codecllm.models.config import ModelConfig
 from codecllm.models.layers import rope_inverse_frequencies
 from codecllm.models.loader import build_model, load_weights, resolve
@@ -240,6 +240,7 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
     if directory is None and torch_dtype is not None:
         config = config.replace(dtype=str(torch_dtype).removeprefix("torch."))
     device = device_of(device)
+    kv_variant = check_kv_for(config, parse_kv(kv))  # before any weight is read
     weight_cache = WeightCache(cache, log=log)
     with torch.device("meta"):
         module = build_model(config)
@@ -253,7 +254,7 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
     if gemv == "auto" and device.type == "cuda":
         use_triton_gemv(module)
     tokenizer = load_tokenizer(directory, config.vocab_size, config.bos_token_id, config.eos_token_id)
-    model = Model(module, config, tokenizer, weight_cache, device, parse_kv(kv), str(path_or_config), cuda_graphs)
+    model = Model(module, config, tokenizer, weight_cache, device, kv_variant, str(path_or_config), cuda_graphs)
     model.log = log
     return model
 

@@ -36,11 +36,19 @@ def parse_kv(spec: bool | str) -> str:
     raise CacheError(f"unknown KV cache {spec!r}; choose one of: {', '.join(KV_VARIANTS)}")
 
 
+def check_kv_for(config: ModelConfig, variant: str) -> str:
+    """`variant` (parsed) if the architecture takes it, else CacheError naming both."""
+    if config.arch == "mambaformer" and variant not in ("on", "off"):
+        raise CacheError(f"the hybrid Mamba/attention model takes kv on or off, not {variant!r}")
+    if config.arch == "gpt2" and variant.startswith(("sliding:", "h2o:")):
+        raise CacheError(f"KV cache {variant!r} needs a RoPE model (Llama family), not gpt2")
+    return variant
+
+
 def make_kv_cache(variant: str, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device,
                   prompt_len: int | None = None):
+    check_kv_for(config, variant)
     if config.arch == "mambaformer":
-        if variant != "on":
-            raise CacheError(f"the hybrid Mamba/attention model takes kv on or off, not {variant!r}")
         from codecllm.models.mambaformer import HybridCache
 
         return HybridCache(config, batch, max_len, dtype, device)
