@@ -153,6 +153,18 @@ def test_a_kv_cache_the_architecture_cannot_take_is_refused_at_load(model, kv, m
     assert captured.out == "" and message in captured.err
 
 
+def test_weights_of_another_codec_than_a_checkpoint_is_stored_with_are_refused(tmp_path):
+    """compress_model leaves compressed layers as they are, so the asked-for codec would
+    silently not apply: an error says so (the same codec, or a partly compressed checkpoint's
+    other layers, are fine)."""
+    plain = write_random_model("tiny", tmp_path / "m")
+    codecllm.compress_checkpoint(plain, tmp_path / "c", codec="huffman", layers="*mlp*", show_progress=False)
+    with pytest.raises(ConfigError, match="stored compressed with huffman; weights='nibble'"):
+        codecllm.load(tmp_path / "c", weights="nibble")
+    model = codecllm.load(tmp_path / "c", weights="huffman")  # the other layers join them
+    assert model.stats()["compressed_layers"] == 30
+
+
 def test_streamed_generate_raises_at_the_call():
     model = codecllm.load("tiny")
     with pytest.raises(ConfigError, match="max_new_tokens must be >= 0"):

@@ -250,6 +250,11 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
     module.eval()
     attach_weight_cache(module, weight_cache)
     if weights is not None:
+        stored = sorted({w.encoded.codec for w in weight_cache._weights.values()} - {weights})
+        if stored:  # compress_model leaves compressed layers alone: they would stay as stored
+            raise ConfigError(f"{path_or_config} is stored compressed with {', '.join(stored)}; weights={weights!r} "
+                              f"would not change that: load it as stored (no weights=), or compress the "
+                              f"original model with {weights}")
         compress_model(module, weights, layers=layers, storage=storage, cache=weight_cache)
     if gemv == "auto" and device.type == "cuda":
         use_triton_gemv(module)
