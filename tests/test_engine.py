@@ -198,6 +198,18 @@ def test_chat_reads_until_eof(monkeypatch, capsys):
     assert "tok/s" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("option, value, message", [("--max-new-tokens", "5000", "must be 1..2047"),
+                                                   ("--max-new-tokens", "0", "must be 1..2047"),
+                                                   ("--temperature", "-1", "temperature must be >= 0")])
+def test_chat_checks_its_arguments_before_it_asks_for_a_line(monkeypatch, capsys, option, value, message):
+    def no_input(prompt=""):
+        raise AssertionError("asked for a line")
+
+    monkeypatch.setattr("builtins.input", no_input)
+    assert main(["chat", "tiny", option, value]) == 1
+    assert message in capsys.readouterr().err
+
+
 def test_cli_bench_kv(tmp_path, capsys):
     out = tmp_path / "kv.json"
     assert main(["bench", "kv", "--lengths", "5,20", "--json", str(out)]) == 0

@@ -70,7 +70,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from codecllm.generate import Sampling
+
+    Sampling(args.temperature, seed=args.seed)  # checked before the first line is typed
     model = _load(args)
+    context = model.config.max_position_embeddings
+    if not 1 <= args.max_new_tokens < context:
+        raise ConfigError(f"--max-new-tokens must be 1..{context - 1} (the model's context is {context} tokens, "
+                          f"and a reply leaves room for the conversation), got {args.max_new_tokens}")
     print(f"codecllm chat: {args.model} (KV cache {model.kv}). Empty line or Ctrl-D quits.")
     history: list[int] = []
     while True:
