@@ -184,6 +184,22 @@ def test_cli_bench_summary_json_and_plots(tmp_path, capsys):
     assert (tmp_path / "plots" / "hit_rate.png").exists()
 
 
+def test_cli_bench_on_a_checkpoint_measures_it_against_its_decoded_original(tmp_path, capsys):
+    plain = write_random_model("tiny", tmp_path / "m")
+    codecllm.compress_checkpoint(plain, tmp_path / "c", codec="nibble", show_progress=False)
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tmp_path / "c"), "--device", "cpu", "--policies", "none", "--max-new-tokens", "3",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Compressed (nibble, cache none)" in text and "✓ Output matches baseline" in text
+    report = json.loads(out.read_text())
+    assert report["codec"] == "nibble"
+    first, last = report["memory"][0], report["memory"][-1]  # no block compressed .. all of them
+    assert first["compressed_layers"] == 0 and last["compressed_layers"] > 0
+    assert main(["bench", str(tmp_path / "c"), "--weights", "huffman"]) == 1
+    assert "stored compressed with nibble; --weights huffman does not apply" in capsys.readouterr().err
+
+
 def test_chat_reads_until_eof(monkeypatch, capsys):
     answers = iter(["hi there"])
 

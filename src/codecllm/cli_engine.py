@@ -150,6 +150,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from codecllm.bench import engine_bench as eb
 
     device = args.device or _default_device()
+    stored = eb.stored_codec(args.model)  # a checkpoint is measured with the codec it is stored with
+    if stored and args.weights not in (None, stored):
+        raise ConfigError(f"{args.model} is stored compressed with {stored}; --weights {args.weights} does not apply")
+    args.weights = stored or args.weights or "huffman"
     policies = args.policies.split(",")
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
     report: dict = {"model": args.model, "codec": args.weights, "device": device,
@@ -209,11 +213,13 @@ def register(sub) -> None:
 
     p = sub.add_parser("bench", help="baseline vs compressed: speed, memory, cache statistics ('bench kv': KV caches)")
     p.add_argument("model", nargs="?", default=None,
-                   help="model directory or named config (default: tiny on CPU, tinyllama-1.1b on a GPU); "
-                        "'kv' runs the KV-cache benchmark instead")
+                   help="model directory, codecllm checkpoint (measured against its decoded original) or "
+                        "named config (default: tiny on CPU, tinyllama-1.1b on a GPU); 'kv' runs the KV-cache "
+                        "benchmark instead")
     p.add_argument("--kv-model", default=None, help="with 'bench kv': the model (default as above)")
     p.add_argument("--lengths", default="10,25,50,100,250,1000", help="with 'bench kv': generation lengths")
-    p.add_argument("--weights", default="huffman", choices=[c for c in CODECS if c != "raw"])
+    p.add_argument("--weights", default=None, choices=[c for c in CODECS if c != "raw"],
+                   help="codec (default: huffman; a checkpoint's own)")
     p.add_argument("--policies", default=",".join(("none", "per-pass", "lru:20", "pin:20", "auto:64MB", "all")))
     p.add_argument("-p", "--prompt", default="The capital of France is")
     p.add_argument("--max-new-tokens", type=int, default=10)

@@ -4,6 +4,7 @@ RESULTS SUMMARY, a hit-rate table (measured next to theory) and a memory-vs-comp
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from codecllm import checkpoint
 from codecllm.engine import Model, load
 from codecllm.models.config import NAMED_CONFIGS
 from codecllm.models.loader import resolve
-from codecllm.models.synthetic import write_random_model
+from codecllm.models.synthetic import save_hf_directory, write_random_model
 from codecllm.report import format_table, human_bytes
 
 DEFAULT_POLICIES = ("none", "per-pass", "lru:20", "pin:20", "auto:64MB", "all")
@@ -48,12 +49,30 @@ def prepared_directories(model: str, codec: str, seed: int = 0) -> Iterator[tupl
             if model not in NAMED_CONFIGS:
                 resolve(model)  # raises the one-line error listing what is valid
             path = write_random_model(model, Path(tmp) / "model", seed=seed)
-        if checkpoint.is_checkpoint(path):
-            yield path, path
+        if checkpoint.is_checkpoint(path):  # the baseline is its decoded original (bit-exact), written plain
+            plain = write_decoded(path, Path(tmp) / "model")
+            yield plain, path
             return
         compressed = Path(tmp) / f"model.{codec}"
         checkpoint.compress_checkpoint(path, compressed, codec=codec, show_progress=False)
         yield path, compressed
+
+
+def write_decoded(checkpoint_dir: Path, out: Path) -> Path:
+    """A plain HF-layout copy of a codecllm checkpoint: its exact original tensors, its config,
+    tokenizer and other side files."""
+    config, _ = resolve(checkpoint_dir)
+    save_hf_directory(config, checkpoint.load_state_dict(checkpoint_dir), out)
+    for f in checkpoint_dir.iterdir():  # config.json too: the original's, not one rebuilt from ours
+        if f.is_file() and f.name != checkpoint.MANIFEST and not f.name.endswith(".safetensors"):
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+def stored_codec(model: str) -> str | None:
+    """The codec a codecllm checkpoint directory is stored with; None for anything else."""
+    path = Path(model)
+    return checkpoint.read_manifest(path).get("codec") if checkpoint.is_checkpoint(path) else None
 
 
 def measure(model: Model, prompt: list[int], max_new_tokens: int, label: str) -> RunResult:
