@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from codecllm.checkpoint import is_checkpoint, read_manifest
 from codecllm.devices import device_of
 from codecllm.errors import ConfigError
 from codecllm.generate import Sampling, generate_tokens
@@ -241,6 +242,12 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
         config = config.replace(dtype=str(torch_dtype).removeprefix("torch."))
     device = device_of(device)
     kv_variant = check_kv_for(config, parse_kv(kv))  # before any weight is read
+    if weights is not None and directory is not None and is_checkpoint(directory):
+        stored = sorted({e.get("codec") for e in read_manifest(directory)["tensors"].values()} - {None, weights})
+        if stored:  # compress_model leaves compressed layers alone: they would stay as stored
+            raise ConfigError(f"{path_or_config} is stored compressed with {', '.join(stored)}; weights={weights!r} "
+                              f"would not change that: load it as stored (no weights=), or compress the "
+                              f"original model with {weights}")
     weight_cache = WeightCache(cache, log=log)
     with torch.device("meta"):
         module = build_model(config)
@@ -250,11 +257,6 @@ def load(path_or_config: str | Path, *, device: str | torch.device = "cpu", dtyp
     module.eval()
     attach_weight_cache(module, weight_cache)
     if weights is not None:
-        stored = sorted({w.encoded.codec for w in weight_cache._weights.values()} - {weights})
-        if stored:  # compress_model leaves compressed layers alone: they would stay as stored
-            raise ConfigError(f"{path_or_config} is stored compressed with {', '.join(stored)}; weights={weights!r} "
-                              f"would not change that: load it as stored (no weights=), or compress the "
-                              f"original model with {weights}")
         compress_model(module, weights, layers=layers, storage=storage, cache=weight_cache)
     if gemv == "auto" and device.type == "cuda":
         use_triton_gemv(module)
