@@ -94,8 +94,9 @@ def test_encoded_tensor_reports_sizes():
 
 @pytest.mark.parametrize("codec", ["nibble", "huffman"])
 def test_cpu_decoders_join_their_chunks_exactly(codec, monkeypatch):
-    """The CPU decoders work a chunk at a time (4M elements); tiny chunks here, so every chunk
-    boundary (an odd element count, escapes and lanes on both sides) is crossed many times."""
+    """The CPU decoders work a chunk at a time (nibble: CHUNK elements, huffman: DECODE_LANES
+    lanes); tiny chunks here, so every chunk boundary (an odd element count, escapes and lanes on
+    both sides) is crossed many times."""
     t = gaussian_weights(4097 * 3, seed=5)
     t.view(torch.int16)[::13] = -1  # NaN payloads: escapes for nibble, rare symbols for huffman
     encoded = codecllm.encode(t, codec)

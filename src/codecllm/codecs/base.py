@@ -10,6 +10,14 @@ import torch
 
 from codecllm.errors import CodecError
 
+BF16_SIGN_AND_MANTISSA = -0x7F81  # 0x807F as int16: bf16's sign bit and mantissa bits
+
+
+def bf16_sign_mantissa(byte: torch.Tensor) -> torch.Tensor:
+    """int16 bf16 bits, exponent field 0, of sign+mantissa bytes (sign << 7 | mantissa): times
+    0x101 the byte stands in both halves, and the mask keeps bit 15 and bits 0-6."""
+    return (byte.to(torch.int16) * 0x101) & BF16_SIGN_AND_MANTISSA
+
 
 @dataclass(frozen=True)
 class FloatLayout:
@@ -54,8 +62,7 @@ class FloatLayout:
         """Inverse of `split`: integer (exponent, rest) -> a tensor of this dtype. In 16- and
         32-bit integers: 64-bit element-wise ops run several times slower on a CPU."""
         if self.total_bits == 16 and self.mantissa_bits == 7:  # bf16: rest is one byte, sign on top
-            bits = (rest.to(torch.int16) * 0x101) & (-0x8000 | 0x7F)  # the byte in both halves
-            return (bits | (exponent.to(torch.int16) << 7)).view(self.dtype)
+            return (bf16_sign_mantissa(rest) | (exponent.to(torch.int16) << 7)).view(self.dtype)
         rest = rest.to(torch.int32)
         bits = (rest >> self.mantissa_bits) << (self.total_bits - 1)  # the sign (fp32: wraps to bit 31)
         bits |= exponent.to(torch.int32) << self.mantissa_bits

@@ -240,10 +240,10 @@ class HuffmanCodec(Codec):
         windows = words[:-1] | (words[1:] << np.uint64(32))  # windows[w]: stream bits 32w .. 32w + 63
         last_window = max(windows.size - 1, 0)
         entries = table[: 1 << code_bits].numpy().astype(np.int64)
-        symbol_of = (entries & 0xFF).astype(np.uint8)
-        length_of = (entries >> 8).astype(np.uint64)
+        symbol_of, lengths = (entries & 0xFF).astype(np.uint8), entries >> 8
+        length_of = lengths.astype(np.uint64)
         # An invalid peek (length 0) moves its lane far past the end, so the end check raises.
-        advance_of = (entries >> 8) + layout.extra_bits + (entries >> 8 == 0) * (1 << 40)
+        advance_of = lengths + layout.extra_bits + (lengths == 0) * (1 << 40)
         peek_mask = np.uint64((1 << code_bits) - 1)
         extra_mask = np.uint64((1 << layout.extra_bits) - 1)
         exponent = np.empty(numel, dtype=np.uint8)

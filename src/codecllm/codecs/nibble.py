@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import torch
 
-from codecllm.codecs.base import LAYOUTS, Codec, EncodedTensor, buffer, expect_size
+from codecllm.codecs.base import (
+    BF16_SIGN_AND_MANTISSA,
+    LAYOUTS,
+    Codec,
+    EncodedTensor,
+    bf16_sign_mantissa,
+    buffer,
+    expect_size,
+)
 from codecllm.codecs.chunks import CHUNK, chunks, index_dtype
 from codecllm.errors import CodecError
 
 BF16 = LAYOUTS[torch.bfloat16]
 ESCAPE = 15
-SIGN_AND_MANTISSA = -0x7F81  # 0x807F as int16: bf16's sign bit and mantissa bits
 TILE = 1 << 16  # elements; tiles are independent (every element is), this sets GPU work units
 
 
@@ -111,7 +118,7 @@ class NibbleCodec(Codec):
     def decode_cpu(self, encoded: EncodedTensor, verify: bool = True) -> torch.Tensor:
         # int16 bits, a pair of weights per codes byte: a 256-entry table gives both exponent
         # fields as one int32 (element 2i in the low half), and sign + mantissa come from
-        # byte * 0x101 (the byte in both halves) masked to bit 15 and bits 0-6. 15-20x faster than
+        # bf16_sign_mantissa (int16 arithmetic, no per-element unpacking). 15-20x faster than
         # unpacking codes and joining fields in int64 (1.0-1.6 GB/s of bf16 on 2 cores).
         sign_mantissa, codes, escape_index, escape_exponent, base = self._parts(encoded)
         numel = encoded.numel
@@ -126,7 +133,7 @@ class NibbleCodec(Codec):
             bits = out[2 * start : 2 * end]
             torch.index_select(exponent_pairs, 0, packed.int(), out=bits.view(torch.int32))
             lo, hi = 2 * start, min(2 * end, numel)
-            bits[: hi - lo] |= (sign_mantissa[lo:hi].to(torch.int16) * 0x101) & SIGN_AND_MANTISSA
+            bits[: hi - lo] |= bf16_sign_mantissa(sign_mantissa[lo:hi])
         if numel % 2 and int(codes[-1]) >> 4 == ESCAPE:
             escape_count -= 1  # the padding nibble after the last element is not an element
         if verify:
@@ -134,7 +141,7 @@ class NibbleCodec(Codec):
         out = out[:numel]
         if escape_index.numel():
             at = escape_index.clamp(0, numel - 1)  # checked above; unverified data must not crash
-            out[at] = (out[at] & SIGN_AND_MANTISSA) | (escape_exponent.to(torch.int16) << 7)
+            out[at] = (out[at] & BF16_SIGN_AND_MANTISSA) | (escape_exponent.to(torch.int16) << 7)
         return out.view(torch.bfloat16)
 
     def decode_gpu(self, encoded: EncodedTensor, verify: bool = True) -> torch.Tensor:
