@@ -107,9 +107,17 @@ def test_cli_generate(capsys):
     assert captured.out.startswith("Hello") and "decompressions" in captured.err
 
 
-def test_cli_generate_bad_kv(capsys):
-    assert main(["generate", "tiny", "-p", "x", "--kv", "maybe"]) == 1
-    assert "--kv takes on, off" in capsys.readouterr().err
+@pytest.mark.parametrize("value, message", [
+    ("maybe", "--kv: unknown KV cache 'maybe'; choose one of: on, off, int8"),
+    ("sliding:0", "--kv: KV cache 'sliding:0': write sliding:WINDOW or sliding:WINDOW:SINKS "
+                  "(whole numbers, WINDOW >= 1)"),
+    ("h2o:x", "--kv: KV cache 'h2o:x': write h2o:BUDGET or h2o:BUDGET:RECENT"),
+])
+def test_cli_generate_bad_kv(capsys, value, message):
+    """The CLI passes on why a --kv spec is wrong (a window of 0, not just the list of forms)."""
+    assert main(["generate", "tiny", "-p", "x", "--kv", value]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -21,12 +21,12 @@ def _default_device() -> str:
 
 
 def _kv(value: str) -> str:
-    from codecllm.kv.variants import KV_VARIANTS, parse_kv
+    from codecllm.kv.variants import parse_kv
 
     try:
         return parse_kv(value)
-    except CodecllmError:
-        raise ConfigError(f"--kv takes {', '.join(KV_VARIANTS)}, got {value!r}") from None
+    except CodecllmError as e:
+        raise ConfigError(f"--kv: {e}") from None
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,8 @@ KV_VARIANTS = ("on", "off", "int8", "int4", "sliding:W[:SINKS]", "h2o:BUDGET[:RE
 
 
 def parse_kv(spec: bool | str) -> str:
-    """True/'on' -> 'on', False/'off' -> 'off', 'int8', 'int4'. Raises CacheError otherwise."""
+    """True/'on' -> 'on', False/'off' -> 'off', 'int8', 'int4', 'sliding:W[:SINKS]',
+    'h2o:BUDGET[:RECENT]' (lower-cased). Raises CacheError otherwise."""
     if spec is True:
         return "on"
     if spec is False or spec is None:
@@ -23,16 +24,14 @@ def parse_kv(spec: bool | str) -> str:
     text = str(spec).strip().lower()
     if text in ("on", "off", "int8", "int4"):
         return text
-    if text == "sliding" or text.startswith("sliding:"):
-        parts = text.split(":")[1:]
-        if 1 <= len(parts) <= 2 and all(p.isdigit() for p in parts) and int(parts[0]) > 0:
-            return text
-        raise CacheError(f"KV cache {spec!r}: write sliding:WINDOW or sliding:WINDOW:SINKS, e.g. sliding:512:4")
-    if text == "h2o" or text.startswith("h2o:"):
-        parts = text.split(":")[1:]
-        if 1 <= len(parts) <= 2 and all(p.isdigit() for p in parts) and int(parts[0]) > 0:
-            return text
-        raise CacheError(f"KV cache {spec!r}: write h2o:BUDGET or h2o:BUDGET:RECENT, e.g. h2o:256:32")
+    for name, first, second, example in (("sliding", "WINDOW", "SINKS", "512:4"),
+                                         ("h2o", "BUDGET", "RECENT", "256:32")):
+        if text == name or text.startswith(name + ":"):
+            parts = text.split(":")[1:]
+            if 1 <= len(parts) <= 2 and all(p.isdigit() for p in parts) and int(parts[0]) > 0:
+                return text
+            raise CacheError(f"KV cache {spec!r}: write {name}:{first} or {name}:{first}:{second} "
+                             f"(whole numbers, {first} >= 1), e.g. {name}:{example}")
     raise CacheError(f"unknown KV cache {spec!r}; choose one of: {', '.join(KV_VARIANTS)}")
 
 
