@@ -50,9 +50,10 @@ def test_fused_gemv_error_within_cublas_bound():
 
     from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv
 
+    g = torch.Generator(device="cuda").manual_seed(0)
     for n, k, batch in [(4096, 4096, 1), (1024, 4096, 8), (2048, 5632, 3)]:
         w = gaussian_weights(n * k, seed=n).view(n, k).cuda()
-        x = torch.randn(batch, k, device="cuda").bfloat16()
+        x = torch.randn(batch, k, device="cuda", generator=g).bfloat16()
         ref = x.double() @ w.double().T
         err = lambda y, ref=ref: ((y.double() - ref).norm() / ref.norm()).item()  # noqa: E731
         bound = err(F.linear(x, w)) + 1e-3
@@ -139,7 +140,8 @@ def test_fused_step_ops_match_eager_on_the_gpu():
     assert torch.equal(bits(summed), bits(h + delta))
     ref = norm.weight * F.rms_norm((h + delta).float(), (4096,), eps=1e-5).bfloat16()
     assert (bits(normed).int() - bits(ref).int()).abs().max() <= 1
-    gate, up = (torch.randn(14336, device="cuda") * 3).bfloat16(), torch.randn(14336, device="cuda").bfloat16()
+    gate = (torch.randn(14336, device="cuda", generator=g) * 3).bfloat16()
+    up = torch.randn(14336, device="cuda", generator=g).bfloat16()
     apart = (bits(fused.silu_mul(gate, up)).int() - bits(F.silu(gate) * up).int()).abs()
     assert apart.max() <= 1 and (apart == 0).float().mean() > 0.99
     assert apply_rope(x, cos, sin).is_contiguous()  # the model path takes the fused kernel on CUDA
@@ -190,7 +192,8 @@ def test_rope_kv_write_on_the_gpu():
     b, h, hkv, d = 2, 32, 8, 128
     cos, sin = rope_cos_sin(rope_inverse_frequencies(ModelConfig.from_name("llama-3.1-8b")),
                             torch.tensor([[1000], [7]], device="cuda"), torch.bfloat16)
-    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, device="cuda").bfloat16()
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    qkv = qkv.bfloat16()
     q, k, v = (t.view(b, 1, -1, d) for t in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
     ours, ref = (KVCache(1, b, hkv, 512, d, device="cuda") for _ in range(2))
     for cache in (ours, ref):
