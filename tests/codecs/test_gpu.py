@@ -192,8 +192,8 @@ def test_rope_kv_write_on_the_gpu():
     b, h, hkv, d = 2, 32, 8, 128
     cos, sin = rope_cos_sin(rope_inverse_frequencies(ModelConfig.from_name("llama-3.1-8b")),
                             torch.tensor([[1000], [7]], device="cuda"), torch.bfloat16)
-    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
-    qkv = qkv.bfloat16()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, device="cuda", generator=g).bfloat16()
     q, k, v = (t.view(b, 1, -1, d) for t in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
     ours, ref = (KVCache(1, b, hkv, 512, d, device="cuda") for _ in range(2))
     for cache in (ours, ref):
