@@ -10,6 +10,9 @@ length; tok/s then counts the tokens of all B sequences).
 Decode speed is measured on the decode steps alone: time(generate N) - time(generate 1), over N - 1
 steps, median of 3 runs after a warm-up (a captured graph is reused, as a server would).
 roofline_fraction = steps/s x (weight bytes + KV bytes read per step) / measured copy bandwidth.
+nibble_vs_bf16_paired: the nibble graph against our bf16 Triton graph, both models loaded, timed in
+turn (--pairs rounds, the order flipped every round), one ratio a round: rows measured a minute
+apart differ by a few percent on their own (clocks, host), more than the two differ at batch 8.
 """
 
 from __future__ import annotations
@@ -54,6 +57,27 @@ def decode_speed(generate, new: int, batch: int = 1, runs: int = 3) -> float:
     return batch * (new - 1) / max(full - first, 1e-9)
 
 
+def paired_ratio(reference, candidate, new: int, rounds: int) -> dict:
+    """candidate's decode speed over reference's, one ratio per round, each round timing both in
+    turn (time(N) - time(1), once each; the order flips every round, so a drift in clocks or host
+    load weighs on both alike). Both generate functions are warm (their rows ran first)."""
+    def speed(generate):
+        full = timed(lambda: generate(new))
+        return (new - 1) / max(full - timed(lambda: generate(1)), 1e-9)
+
+    ratios = []
+    for i in range(rounds):
+        if i % 2:
+            c = speed(candidate)
+            r = speed(reference)
+        else:
+            r = speed(reference)
+            c = speed(candidate)
+        ratios.append(c / r)
+    return {"rounds": rounds, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "ratios": ratios}
+
+
 def same_steps(tokens, reference) -> int:
     """Decode steps, from the first, at which every sequence's token equals the reference's."""
     rows = zip(*(tokens, reference)) if tokens and isinstance(tokens[0], list) else [(tokens, reference)]
@@ -96,6 +120,7 @@ def ours(model_name, prompts, new, weights=None, cache="auto", cuda_graphs=None,
               "gpu_memory": torch.cuda.memory_allocated() - before,
               "peak": torch.cuda.max_memory_allocated() - before, "load_peak": load_peak,
               "tokens": tokens[new], "stats": model.stats(), "graphs": model.uses_cuda_graphs}
+    model.timed_generate = generate  # for paired_ratio
     return model, result
 
 
@@ -159,9 +184,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (1-8 take the GEMV kernels)")
     parser.add_argument("--skip", default="", help="comma-separated: hf,compile,triton,nibble,huffman,prefill")
     parser.add_argument("--name", help="result file name (default decode-MODEL, decode-MODEL-bB for a batch)")
+    parser.add_argument("--pairs", type=int, default=10,
+                        help="rounds of nibble vs bf16 graph timed in turn (0: none)")
     args = parser.parse_args()
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.pairs < 0:
+        parser.error(f"--pairs must be 0 or more, got {args.pairs}")
     skip = set(args.skip.split(","))
     config = codecllm.models.ModelConfig.from_name(args.model)
     # sequence b's prompt: seed b (sequence 0 is the batch-1 run's prompt)
@@ -190,14 +219,19 @@ def main() -> None:
     record("codecllm bf16 CUDA graph (cuBLAS)", r)
     graph_cublas_tokens = r["tokens"]
     del model
-    if "triton" not in skip:
-        model, r = ours(args.model, prompts, args.new, cuda_graphs=True)
+    bf16_graph = paired = None
+    if "triton" not in skip:  # kept loaded for the paired rounds below
+        bf16_graph, r = ours(args.model, prompts, args.new, cuda_graphs=True)
         record("codecllm bf16 CUDA graph (Triton GEMV)", r)
-        del model
     if "nibble" not in skip:
         model, r = ours(args.model, prompts, args.new, weights="nibble", cache="fused", cuda_graphs=True)
         record("codecllm nibble fused, CUDA graph", r)
+        if bf16_graph is not None and args.pairs:
+            paired = paired_ratio(bf16_graph.timed_generate, model.timed_generate, args.new, args.pairs)
+            print(f"nibble / bf16 (Triton GEMV) graph, {args.pairs} paired rounds: median {paired['median']:.3f}x "
+                  f"({paired['min']:.3f}-{paired['max']:.3f})", flush=True)
         del model
+    del bf16_graph
     if "huffman" not in skip:  # encoded once, each policy set on the same model
         model = None
         for fraction in (0.0, 0.1, 0.5):
@@ -251,7 +285,7 @@ def main() -> None:
         r.pop("tokens", None)
     payload = {"model": args.model, "prompt": args.prompt, "new": args.new, "batch": args.batch,
                "copy_bandwidth": bandwidth,
-               "rows": rows, "prefill_tok_s": prefill, "environment": env}
+               "rows": rows, "nibble_vs_bf16_paired": paired, "prefill_tok_s": prefill, "environment": env}
     name = args.name or f"decode-{args.model}" + (f"-b{args.batch}" if args.batch > 1 else "")
     print(f"wrote {write_result(name, payload)}")
 

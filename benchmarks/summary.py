@@ -28,11 +28,15 @@ def main() -> None:
                         key=lambda r: r["tok_s"])
         nibble = rows.get("codecllm nibble fused, CUDA graph", {})
         batch = data.get("batch", 1)
+        # nibble vs our bf16 graph timed in turn, both loaded (decode.py's paired rounds): median, min, max
+        paired = data.get("nibble_vs_bf16_paired")
+        paired = {k: paired[k] for k in ("median", "min", "max", "rounds")} if paired else None
         if batch > 1:  # decode-MODEL-bB: batches of B sequences, tok/s over all of them
             for key, value in (("codecllm_bf16_tok_s_by_batch", best_bf16["tok_s"]),
                                ("codecllm_nibble_tok_s_by_batch", nibble.get("tok_s")),
                                ("nibble_vs_bf16_by_batch",
-                                nibble["tok_s"] / best_bf16["tok_s"] if "tok_s" in nibble else None)):
+                                nibble["tok_s"] / best_bf16["tok_s"] if "tok_s" in nibble else None),
+                               ("nibble_vs_bf16_paired_by_batch", paired)):
                 summary.setdefault(key, {}).setdefault(model, {})[str(batch)] = value
             summary["sources"].append(path.name)
             continue
@@ -55,6 +59,7 @@ def main() -> None:
         if "tok_s" in nibble:
             summary["codecllm_nibble_tok_s"][model] = nibble["tok_s"]
             summary["nibble_vs_bf16"][model] = nibble["tok_s"] / best_bf16["tok_s"]
+            summary.setdefault("nibble_vs_bf16_paired", {})[model] = paired
             summary["nibble_weight_fraction"][model] = nibble["weights_held"] / nibble["weights_original"]
         summary.update(gpu=data["environment"]["gpu"], date=data["environment"]["date"],
                        torch=data["environment"]["torch"])
