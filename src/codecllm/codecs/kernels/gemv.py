@@ -293,7 +293,9 @@ def _nibble_rows_dot(
     x_ptr = x.to(tl.pointer_type(tl.uint64))
     base2 = (base << 7) | (base << 23)
     # The tile's escapes: issued before the loop, used after it (read after it, ~10 per tile of
-    # 16 x 4096 one by one, they were a chain of dependent loads as long as the loop).
+    # 16 x 4096 one by one, they were a chain of dependent loads as long as the loop). Triton loads
+    # them in two layouts; LLVM moves the one-hot matrices' copy past the loop (it has no stores),
+    # which costs nothing: the x gather after the loop takes the other copy (Triton 3.6 SASS).
     tile_escapes, extra, first_extra, last_extra = _tile_escapes(escapes, slots, pid, N, SLOTS)
     acc = tl.zeros((WARPS, B_PAD, BLOCK_N), dtype=tl.float32)
     if STEPS == 2:
