@@ -49,9 +49,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def decode_speed(generate, new: int, batch: int = 1, runs: int = 3) -> float:
-    """Tokens/s of the decode steps: batch x (N - 1) / (time(N) - time(1))."""
-    generate(new)  # warm-up: kernels, captured graph, caches
+def decode_speed(generate, new: int, batch: int = 1, runs: int = 3, warmup: bool = True) -> float:
+    """Tokens/s of the decode steps: batch x (N - 1) / (time(N) - time(1)), each time the median of
+    `runs`."""
+    if warmup:
+        generate(new)  # kernels, captured graph, caches
     full = statistics.median(timed(lambda: generate(new)) for _ in range(runs))
     first = statistics.median(timed(lambda: generate(1)) for _ in range(runs))
     return batch * (new - 1) / max(full - first, 1e-9)
@@ -62,8 +64,7 @@ def paired_ratio(reference, candidate, new: int, rounds: int) -> dict:
     turn (time(N) - time(1), once each; the order flips every round, so a drift in clocks or host
     load weighs on both alike). Both generate functions are warm (their rows ran first)."""
     def speed(generate):
-        full = timed(lambda: generate(new))
-        return (new - 1) / max(full - timed(lambda: generate(1)), 1e-9)
+        return decode_speed(generate, new, runs=1, warmup=False)
 
     ratios = []
     for i in range(rounds):
