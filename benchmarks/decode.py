@@ -18,7 +18,9 @@ apart differ by a few percent on their own (clocks, host), more than the two dif
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import os
 import statistics
 import sys
 import time
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, gpu_time_ms, write_result
 
 import codecllm
+from codecllm.codecs.kernels import pdl
 from codecllm.kv import cache_bytes
 from codecllm.report import format_table, human_bytes
 
@@ -83,6 +86,20 @@ def same_steps(tokens, reference) -> int:
     """Decode steps, from the first, at which every sequence's token equals the reference's."""
     rows = zip(*(tokens, reference)) if tokens and isinstance(tokens[0], list) else [(tokens, reference)]
     return min(next((i for i, (a, b) in enumerate(zip(t, r)) if a != b), len(t)) for t, r in rows)
+
+
+@contextlib.contextmanager
+def plain_launches():
+    """Kernels launched without PDL (codecllm/codecs/kernels/pdl.py) inside the block."""
+    before = os.environ.get("CODECLLM_PDL")
+    os.environ["CODECLLM_PDL"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CODECLLM_PDL"]
+        else:
+            os.environ["CODECLLM_PDL"] = before
 
 
 def free_gpu_memory() -> None:
@@ -183,7 +200,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (1-8 take the GEMV kernels)")
-    parser.add_argument("--skip", default="", help="comma-separated: hf,compile,triton,nibble,huffman,prefill")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: hf,compile,triton,nibble,nopdl,huffman,prefill (nopdl: the Triton "
+                             "and nibble graphs again, captured without PDL launches)")
     parser.add_argument("--name", help="result file name (default decode-MODEL, decode-MODEL-bB for a batch)")
     parser.add_argument("--pairs", type=int, default=10,
                         help="rounds of nibble vs bf16 graph timed in turn (0: none)")
@@ -221,10 +240,21 @@ def main() -> None:
     graph_cublas_tokens = r["tokens"]
     del model
     bf16_graph = paired = None
-    if "triton" not in skip:  # kept loaded for the paired rounds below
-        bf16_graph, r = ours(args.model, prompts, args.new, cuda_graphs=True)
+    no_pdl = "nopdl" not in skip and pdl.enabled(torch.device("cuda"))
+    if "triton" not in skip:
+        if no_pdl:
+            with plain_launches():
+                model, r = ours(args.model, prompts, args.new, cuda_graphs=True)
+            record("codecllm bf16 CUDA graph (Triton GEMV, no PDL)", r)
+            del model
+        bf16_graph, r = ours(args.model, prompts, args.new, cuda_graphs=True)  # kept for the paired rounds
         record("codecllm bf16 CUDA graph (Triton GEMV)", r)
     if "nibble" not in skip:
+        if no_pdl:
+            with plain_launches():
+                model, r = ours(args.model, prompts, args.new, weights="nibble", cache="fused", cuda_graphs=True)
+            record("codecllm nibble fused, CUDA graph (no PDL)", r)
+            del model
         model, r = ours(args.model, prompts, args.new, weights="nibble", cache="fused", cuda_graphs=True)
         record("codecllm nibble fused, CUDA graph", r)
         if bf16_graph is not None and args.pairs:

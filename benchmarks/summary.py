@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+PDL_ROWS = {"bf16": ("codecllm bf16 CUDA graph (Triton GEMV)", "codecllm bf16 CUDA graph (Triton GEMV, no PDL)"),
+            "nibble": ("codecllm nibble fused, CUDA graph", "codecllm nibble fused, CUDA graph (no PDL)")}
 
 
 def main() -> None:
@@ -26,8 +28,13 @@ def main() -> None:
         rows, model = data["rows"], data["model"]
         best_bf16 = max((r for k, r in rows.items() if k.startswith("codecllm bf16") and "tok_s" in r),
                         key=lambda r: r["tok_s"])
-        nibble = rows.get("codecllm nibble fused, CUDA graph", {})
+        nibble = max((r for k, r in rows.items() if k.startswith("codecllm nibble fused") and "tok_s" in r),
+                     key=lambda r: r["tok_s"], default={})
         batch = data.get("batch", 1)
+        # what PDL launches bring: each graph over the same graph captured with plain launches
+        pdl_gain = {name: rows[on]["tok_s"] / rows[off]["tok_s"] for name, (on, off) in PDL_ROWS.items()
+                    if "tok_s" in rows.get(on, {}) and "tok_s" in rows.get(off, {})}
+        summary.setdefault("pdl_speedup", {}).setdefault(model, {})[str(batch)] = pdl_gain or None
         # nibble vs our bf16 graph timed in turn, both loaded (decode.py's paired rounds): median, min, max
         paired = data.get("nibble_vs_bf16_paired")
         paired = {k: paired[k] for k in ("median", "min", "max", "rounds")} if paired else None

@@ -241,3 +241,11 @@ def test_split_k_sums_in_the_kernel_the_same_every_call(nibble):
     assert not module._COUNTERS[x.device].any()
     ref = x.double() @ w.double().T
     assert ((outs[0][:, :n].double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_pdl_launches_only_on_cuda_and_not_when_switched_off(monkeypatch):
+    from codecllm.codecs.kernels import pdl
+
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}  # no launch_pdl for the interpreter
+    monkeypatch.setenv("CODECLLM_PDL", "0")
+    assert not pdl.enabled(torch.device("cuda"))

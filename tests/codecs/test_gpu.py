@@ -222,3 +222,52 @@ def test_decode_attention_on_the_gpu_is_deterministic_and_close_to_sdpa():
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     err = lambda y: ((y.double() - ref).norm() / ref.norm()).item()  # noqa: E731
     assert err(runs[0]) <= 2 * err(sdpa) + 1e-3
+
+
+def _needs_pdl():
+    from codecllm.codecs.kernels import pdl
+
+    if not pdl.enabled(torch.device("cuda")):
+        pytest.skip("PDL launches need compute capability 9.0 and Triton >= 3.4")
+
+
+def test_pdl_launches_give_the_bits_of_plain_launches(monkeypatch):
+    """GEMVs launched with PDL (waiting on the GPU for the kernel before) give the bits of plain
+    launches: alone, q/k/v grouped, gate/up gated (which lets the next kernel launch late), at
+    batches 1 and 8, split K included (the 256-row matrix at batch 8), one after another so that
+    each launch waits on the one before."""
+    from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv_group
+    from tests.conftest import bits
+
+    def chain(xs, weights):
+        return [out for x in xs for out in (gemv_group(x, weights[1:2]), gemv_group(x, weights),
+                                            gemv_group(x, weights[1:], gated=True))]
+
+    _needs_pdl()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    mats = [gaussian_weights(n * 2048, seed=n).view(n, 2048).cuda() for n in (2048, 256, 256)]
+    for nibble in (False, True):
+        weights = [NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in mats] if nibble else mats
+        for batch in (1, 8):
+            xs = [torch.randn(batch, 2048, device="cuda", generator=g).bfloat16() for _ in range(4)]
+            monkeypatch.setenv("CODECLLM_PDL", "0")
+            plain = chain(xs, weights)
+            monkeypatch.setenv("CODECLLM_PDL", "1")
+            for _ in range(3):
+                for a, b in zip(chain(xs, weights), plain):
+                    assert torch.equal(bits(a), bits(b)), (nibble, batch)
+
+
+@pytest.mark.parametrize("weights,cache", [(None, "none"), ("nibble", "fused")])
+def test_pdl_decode_graphs_give_the_tokens_of_plain_launches(weights, cache, monkeypatch):
+    """A decode step captured with PDL launches (the default on Hopper) replays the tokens of one
+    captured with plain launches, batch 1 and 3, run after run."""
+    _needs_pdl()
+    prompts = [list(b"graphs"), list(b"a longer prompt"), list(b"hi")]
+    monkeypatch.setenv("CODECLLM_PDL", "0")
+    plain = codecllm.load("tiny", device="cuda", weights=weights, cache=cache, cuda_graphs=True)
+    expected = [plain.generate(prompts[0], 24), plain.generate(prompts, 24)]
+    monkeypatch.setenv("CODECLLM_PDL", "1")
+    model = codecllm.load("tiny", device="cuda", weights=weights, cache=cache, cuda_graphs=True)
+    for _ in range(3):
+        assert [model.generate(prompts[0], 24), model.generate(prompts, 24)] == expected

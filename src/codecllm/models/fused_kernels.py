@@ -18,11 +18,15 @@ from codecllm.codecs.kernels.bf16 import bf16_round as _bf16_round
 from codecllm.codecs.kernels.bf16 import load_bf16 as _load_bf16
 from codecllm.codecs.kernels.bf16 import silu_times
 from codecllm.codecs.kernels.bf16 import store_bf16 as _store_bf16
+from codecllm.codecs.kernels.pdl import launch_next, launch_options, wait_for_inputs
 from codecllm.codecs.kernels_available import interpreting
 
 
 @triton.jit
-def _rms_norm_kernel(x, delta, weight, out, summed, D, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x, delta, weight, out, summed, D, eps, ADD: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    wait_for_inputs(PDL)
+    launch_next(PDL)
     row = tl.program_id(0).to(tl.int64) * D
     cols = tl.arange(0, BLOCK)
     ok = cols < D
@@ -45,7 +49,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(rows)
     d = rows.shape[1]
     _rms_norm_kernel[(rows.shape[0],)](rows, rows, weight, out, out, d, eps, ADD=False,
-                                       BLOCK=triton.next_power_of_2(d), num_warps=_warps(d))
+                                       BLOCK=triton.next_power_of_2(d), num_warps=_warps(d),
+                                       **launch_options(x.device))
     return out.view(x.shape)
 
 
@@ -55,7 +60,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     out, summed = torch.empty_like(rows), torch.empty_like(rows)
     d = rows.shape[1]
     _rms_norm_kernel[(rows.shape[0],)](rows, delta_rows, weight, out, summed, d, eps, ADD=True,
-                                       BLOCK=triton.next_power_of_2(d), num_warps=_warps(d))
+                                       BLOCK=triton.next_power_of_2(d), num_warps=_warps(d),
+                                       **launch_options(x.device))
     return summed.view(x.shape), out.view(x.shape)
 
 
@@ -102,10 +108,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rope_kv_kernel(q, k, v, cos, sin, q_out, k_cache, v_cache, slot, H, HKV, L, stride_qb, stride_kb,
-                    stride_vb, cs_stride_b, D: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr):
+                    stride_vb, cs_stride_b, D: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
+                    PDL: tl.constexpr):
     # One program per (sequence, head): query heads are rotated into q_out, key heads rotated
     # straight into the cache at `slot` (read on the device, so a CUDA graph can replay this),
     # value heads copied there.
+    wait_for_inputs(PDL)
+    launch_next(PDL)
     pid = tl.program_id(0)
     b = pid // (H + HKV)
     h = pid % (H + HKV)
@@ -139,12 +148,15 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
     q_out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
     _rope_kv_kernel[(b * (h + hkv),)](
         q, k, v, cos, sin, q_out, k_cache, v_cache, slot, h, hkv, length, q.stride(0), k.stride(0), v.stride(0),
-        cos.stride(0), D=d, HALF=d // 2, HALF_BLOCK=triton.next_power_of_2(d // 2), num_warps=1)
+        cos.stride(0), D=d, HALF=d // 2, HALF_BLOCK=triton.next_power_of_2(d // 2), num_warps=1,
+        **launch_options(q.device))
     return q_out
 
 
 @triton.jit
-def _silu_mul_kernel(gate, up, out, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate, up, out, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
+    launch_next(PDL)
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     _store_bf16(out + i, silu_times(_load_bf16(gate + i, ok), _load_bf16(up + i, ok)), ok)
@@ -156,14 +168,17 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate)
     n = gate.numel()
     block = 1024
-    _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4,
+                                               **launch_options(gate.device))
     return out
 
 
 @triton.jit
 def _decode_attention_kernel(q, k, v, mask, slot, out, L, mask_stride_b, scale, HKV: tl.constexpr,
                              GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                             DOT_FP32: tl.constexpr):
+                             DOT_FP32: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
+    launch_next(PDL)
     # One program per (sequence, KV head): its GROUP query heads against cache positions
     # 0..slot only, in BLOCK-position steps with an online softmax. A fixed order and no atomics:
     # the same inputs give the same bits on every run.
@@ -227,5 +242,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_attention_kernel[(b * hkv,)](
         q.contiguous(), k_cache, v_cache, mask, slot, out, length, mask.stride(0), 1.0 / d**0.5, HKV=hkv,
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK=64,
-        DOT_FP32=interpreting(), num_warps=4)
+        DOT_FP32=interpreting(), num_warps=4, **launch_options(q.device))
     return out
