@@ -18,12 +18,12 @@ apart differ by a few percent on their own (clocks, host), more than the two dif
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import statistics
 import sys
 import time
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -86,20 +86,6 @@ def same_steps(tokens, reference) -> int:
     """Decode steps, from the first, at which every sequence's token equals the reference's."""
     rows = zip(*(tokens, reference)) if tokens and isinstance(tokens[0], list) else [(tokens, reference)]
     return min(next((i for i, (a, b) in enumerate(zip(t, r)) if a != b), len(t)) for t, r in rows)
-
-
-@contextlib.contextmanager
-def plain_launches():
-    """Kernels launched without PDL (codecllm/codecs/kernels/pdl.py) inside the block."""
-    before = os.environ.get("CODECLLM_PDL")
-    os.environ["CODECLLM_PDL"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["CODECLLM_PDL"]
-        else:
-            os.environ["CODECLLM_PDL"] = before
 
 
 def free_gpu_memory() -> None:
@@ -241,20 +227,19 @@ def main() -> None:
     del model
     bf16_graph = paired = None
     no_pdl = "nopdl" not in skip and pdl.enabled(torch.device("cuda"))
+
+    def plain_launch_row(label, **options):  # the same graph captured without PDL launches (pdl.py)
+        with mock.patch.dict(os.environ, {"CODECLLM_PDL": "0"}):
+            record(label, ours(args.model, prompts, args.new, cuda_graphs=True, **options)[1])
+
     if "triton" not in skip:
         if no_pdl:
-            with plain_launches():
-                model, r = ours(args.model, prompts, args.new, cuda_graphs=True)
-            record("codecllm bf16 CUDA graph (Triton GEMV, no PDL)", r)
-            del model
+            plain_launch_row("codecllm bf16 CUDA graph (Triton GEMV, no PDL)")
         bf16_graph, r = ours(args.model, prompts, args.new, cuda_graphs=True)  # kept for the paired rounds
         record("codecllm bf16 CUDA graph (Triton GEMV)", r)
     if "nibble" not in skip:
         if no_pdl:
-            with plain_launches():
-                model, r = ours(args.model, prompts, args.new, weights="nibble", cache="fused", cuda_graphs=True)
-            record("codecllm nibble fused, CUDA graph (no PDL)", r)
-            del model
+            plain_launch_row("codecllm nibble fused, CUDA graph (no PDL)", weights="nibble", cache="fused")
         model, r = ours(args.model, prompts, args.new, weights="nibble", cache="fused", cuda_graphs=True)
         record("codecllm nibble fused, CUDA graph", r)
         if bf16_graph is not None and args.pairs:
