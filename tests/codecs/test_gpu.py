@@ -271,3 +271,24 @@ def test_pdl_decode_graphs_give_the_tokens_of_plain_launches(weights, cache, mon
     model = codecllm.load("tiny", device="cuda", weights=weights, cache=cache, cuda_graphs=True)
     for _ in range(3):
         assert [model.generate(prompts[0], 24), model.generate(prompts, 24)] == expected
+
+
+def test_nibble_embedding_lookup_on_the_gpu_is_exact_run_after_run():
+    """The lookup stores each decoded row, then (after a barrier) its escapes over it: on the GPU
+    that order must hold in every program, for rows over several column blocks and for tiles with
+    more escapes than their slots, on every run."""
+    from codecllm.codecs.kernels.gemv import NibbleGemvWeight
+    from tests.conftest import bits
+
+    n, k = 700, 5000  # three column blocks of 2048
+    table = gaussian_weights(n * k, seed=11).view(n, k)
+    g = torch.Generator().manual_seed(11)
+    spots = torch.randint(0, n * k, (n * k // 1000,), generator=g)  # 0.1% escapes; the first tile over its slots
+    table.view(-1)[spots] = torch.where(torch.rand(spots.numel(), generator=g) < 0.5, 1e-30, -3.0).to(table.dtype)
+    table[:16, ::3] = 7.0  # one tile full of them
+    fused = NibbleGemvWeight(codecllm.encode(table, "nibble").to("cuda"))
+    ids = torch.randint(0, n, (8, 97), generator=g).cuda()
+    ids[0, :16] = torch.arange(16)
+    expected = bits(torch.nn.functional.embedding(ids, table.cuda()))
+    for _ in range(50):
+        assert torch.equal(bits(fused.rows(ids)), expected)

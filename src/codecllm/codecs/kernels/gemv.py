@@ -790,21 +790,24 @@ def _nibble_rows_kernel(ids, sign_mantissa, codes, escapes, slots, out, N, K, ba
     rest = tl.load(sign_mantissa + at, mask=ok, other=0).to(tl.int32)
     code = (tl.load(codes + (at >> 1), mask=ok, other=0).to(tl.int32) >> ((at & 1) * 4).to(tl.int32)) & 15
     bits = nibble_bf16_bits(rest, code + base)
-    # this row's escapes, from its tile's slots and then any beyond them: each true bf16 over the
-    # loop's value at its column
     tile_escapes, extra, first_extra, last_extra = _tile_escapes(escapes, slots, row // 16, N, SLOTS)
-    bits = _put_escapes(bits, cols, tile_escapes, row)
+    out_row = out + r.to(tl.int64) * K
+    tl.store(out_row + cols, bits.to(tl.int16), mask=ok)
+    # then this row's escapes, from its tile's slots and any beyond them: each true bf16 stored over
+    # the loop's value at its column, once every thread's store above is done (a scatter of a few
+    # values: comparing every column with every slot took 24 us a lookup on tinyllama's table)
+    tl.debug_barrier()
+    lo = tl.program_id(1) * BLOCK
+    hi = tl.minimum(lo + BLOCK, K)
+    _store_escapes(out_row, tile_escapes, row, lo, hi)
     for e0 in range(first_extra, last_extra, SLOTS):
-        bits = _put_escapes(bits, cols, _extra_escapes(extra, e0, last_extra, SLOTS), row)
-    tl.store(out + r.to(tl.int64) * K + cols, bits.to(tl.int16), mask=ok)
+        _store_escapes(out_row, _extra_escapes(extra, e0, last_extra, SLOTS), row, lo, hi)
 
 
 @triton.jit
-def _put_escapes(bits, cols, packed, row):
-    """bits (BLOCK,) of row `row` at `cols`, with the true bf16 of each escape in `packed`
-    (EscapeTable entries of its tile) that belongs to this row put in at its column."""
+def _store_escapes(out_row, packed, row, lo, hi):
+    """Stores the true bf16 of each escape in `packed` (EscapeTable entries of its tile) that lies
+    in row `row` at a column in [lo, hi) into `out_row` at its column."""
     col, row_in_tile, values = _entry_fields(packed)
-    mine = (values != 0) & (row_in_tile == (row % 16).to(tl.int32))
-    hit = (cols[:, None] == col[None, :]) & mine[None, :]  # (BLOCK, SLOTS): at most one per column
-    true_bits = ((values >> 16) & 0xFFFF)[None, :]
-    return tl.where(tl.max(hit.to(tl.int32), axis=1) > 0, tl.sum(tl.where(hit, true_bits, 0), axis=1), bits)
+    mine = (values != 0) & (row_in_tile == (row % 16).to(tl.int32)) & (col >= lo) & (col < hi)
+    tl.store(out_row + col, ((values >> 16) & 0xFFFF).to(tl.int16), mask=mine)
