@@ -231,13 +231,19 @@ def _needs_pdl():
         pytest.skip("PDL launches need compute capability 9.0 and Triton >= 3.4")
 
 
-def test_pdl_launches_give_the_bits_of_plain_launches(monkeypatch):
+@pytest.mark.parametrize("late_from", [None, 0])
+def test_pdl_launches_give_the_bits_of_plain_launches(late_from, monkeypatch):
     """GEMVs launched with PDL (waiting on the GPU for the kernel before) give the bits of plain
     launches: alone, q/k/v grouped, gate/up gated (which lets the next kernel launch late), at
     batches 1 and 8, split K included (the 256-row matrix at batch 8), one after another so that
-    each launch waits on the one before."""
+    each launch waits on the one before; with late_from=0, every nibble launch on tensor cores lets
+    the next launch late (as the 8B's large ones do)."""
+    from codecllm.codecs.kernels import gemv as module
     from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv_group
     from tests.conftest import bits
+
+    if late_from is not None:
+        monkeypatch.setattr(module, "LATE_TRIGGER_WEIGHTS", late_from)
 
     def chain(xs, weights):
         return [out for x in xs for out in (gemv_group(x, weights[1:2]), gemv_group(x, weights),

@@ -43,6 +43,9 @@ from codecllm.codecs.kernels_available import GEMV_MAX_ROWS, interpreting
 MAX_BATCH = GEMV_MAX_ROWS
 ESCAPE = 15
 ESCAPE_TILE = 16  # rows a tensor-core program takes, and rows per tile of its escape table
+# PDL: a nibble launch on tensor cores (batches 2-8) of this many weights or more lets the next
+# kernel launch after its loops, not right after its wait (see _nibble_kernel)
+LATE_TRIGGER_WEIGHTS = 1 << 24
 
 
 @triton.jit
@@ -366,13 +369,14 @@ def _store_result(where, acc, up, ok, GATED: tl.constexpr):
 
 @triton.jit
 def _emit(out, partials, counters, acc, up, pid, N, stride_ob, stride_pb, B: tl.constexpr, B_PAD: tl.constexpr,
-          BLOCK_N: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+          BLOCK_N: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+          LATE: tl.constexpr):
     """Store (B_PAD, BLOCK_N) results at rows pid * BLOCK_N... (_store_result). With SPLIT > 1
     this program's fp32 sums go to its split's slice of `partials` (up beside acc, N columns on),
     and the last of the SPLIT programs of these rows to get there adds the slices up in split
     order (the same result on every run, unlike atomic adds) and stores the result: no second
     launch. `counters` (one int32 per program of axis 0, zero between launches) counts arrivals."""
-    if GATED:  # PDL: the gate/up launch lets the next kernel launch only here (see _nibble_kernel)
+    if LATE:  # PDL: a launch that lets the next kernel launch only here (see _nibble_kernel)
         launch_next(PDL)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     batch = tl.arange(0, B_PAD)
@@ -424,7 +428,7 @@ def _nibble_kernel(
     p1, p2, span, warp_words, words_per_row, stride_xw, stride_xb, stride_ob, stride_pb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr,
-    SPLIT: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr,
 ):
     # Up to three matrices of the same input width in one launch (q/k/v): programs [0, p1) take
     # matrix 0, [p1, p2) matrix 1, the rest matrix 2, each writing its own columns of `out`.
@@ -434,9 +438,13 @@ def _nibble_kernel(
     # slots, window base, rows.
     # PDL (pdl.py): the programs wait for the kernel that wrote x, then let the next kernel launch,
     # a small one (RoPE, RMSNorm) whose programs then wait on the GPU for this one to end. Not so
-    # the gated launch: the down projection, another GEMV, follows it, and its programs, placed
-    # while gate/up runs, would go to the SMs that gate/up leaves free first, unevenly (nibble down
-    # at batch 1: 10.3 -> 14.1 us). It lets the next kernel launch after its loops (_emit).
+    # where LATE: those launches let the next kernel launch after their loops (_emit). The gated
+    # launch is followed by the down projection, another GEMV, whose programs, placed while
+    # gate/up runs, would go to the SMs that gate/up leaves free first, unevenly (nibble down at
+    # batch 1: 10.3 -> 14.1 us). Nibble launches on tensor cores of LATE_TRIGGER_WEIGHTS or more
+    # (the 8B's, not tinyllama's) ran faster so too: 8B at batch 8, 1.071x -> 1.103x of bf16,
+    # timed in turn. At batch 1 (CUDA cores, thousands of programs) the 8B ran slower so (1.256x
+    # -> 1.206x), and tinyllama's launches at batch 8 gained nothing (1.016x -> 1.006x).
     pid = tl.program_id(0)
     if GATED:
         wait_for_inputs(PDL)
@@ -444,33 +452,35 @@ def _nibble_kernel(
                              stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS)
         up = _nibble_block(x, sm1, codes1, et1, es1, pid, n0, words_per_row, base1, stride_xw,
                            stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS)
-        _emit(out, partials, counters, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT, PDL)
+        _emit(out, partials, counters, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT, PDL,
+              LATE)
     else:
         # The segment of this program; the branches below are pruned to SEGMENTS at compile time
         # (p1, p2 = the grid size where a segment is absent).
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
         wait_for_inputs(PDL)
-        launch_next(PDL)
+        if not LATE:
+            launch_next(PDL)
         if seg == 0:
             acc = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
                                 stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
                                 SLOTS)
             _emit(out, partials, counters, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT,
-                  PDL)
+                  PDL, LATE)
         if SEGMENTS >= 2:
             if seg == 1:
                 acc = _nibble_block(x, sm1, codes1, et1, es1, pid - p1, n1, words_per_row, base1,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
                                     DOT_FP32, WARPS, SLOTS)
                 _emit(out + n0, partials + n0, counters, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD,
-                      BLOCK_N, False, SPLIT, PDL)
+                      BLOCK_N, False, SPLIT, PDL, LATE)
         if SEGMENTS == 3:
             if seg == 2:
                 acc = _nibble_block(x, sm2, codes2, et2, es2, pid - p2, n2, words_per_row, base2,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
                                     DOT_FP32, WARPS, SLOTS)
                 _emit(out + n0 + n1, partials + n0 + n1, counters, acc, acc, pid - p2, n2, stride_ob, stride_pb, B,
-                      B_PAD, BLOCK_N, False, SPLIT, PDL)
+                      B_PAD, BLOCK_N, False, SPLIT, PDL, LATE)
 
 
 @triton.jit
@@ -524,33 +534,35 @@ def _plain_kernel(
     x, out, partials, counters, w0, n0, w1, n1, w2, n2, p1, p2, span, K, stride_xb, stride_ob, stride_pb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr,
-    SPLIT: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr,
 ):
-    # Segments, GATED and PDL as in _nibble_kernel.
+    # Segments, GATED, PDL and LATE as in _nibble_kernel.
     pid = tl.program_id(0)
     if GATED:
         wait_for_inputs(PDL)
         gate = _plain_rows(x, w0, pid, n0, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
         up = _plain_rows(x, w1, pid, n0, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-        _emit(out, partials, counters, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT, PDL)
+        _emit(out, partials, counters, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT, PDL,
+              LATE)
     else:
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
         wait_for_inputs(PDL)
-        launch_next(PDL)
+        if not LATE:
+            launch_next(PDL)
         if seg == 0:
             acc = _plain_rows(x, w0, pid, n0, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
             _emit(out, partials, counters, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT,
-                  PDL)
+                  PDL, LATE)
         if SEGMENTS >= 2:
             if seg == 1:
                 acc = _plain_rows(x, w1, pid - p1, n1, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
                 _emit(out + n0, partials + n0, counters, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD,
-                      BLOCK_N, False, SPLIT, PDL)
+                      BLOCK_N, False, SPLIT, PDL, LATE)
         if SEGMENTS == 3:
             if seg == 2:
                 acc = _plain_rows(x, w2, pid - p2, n2, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
                 _emit(out + n0 + n1, partials + n0 + n1, counters, acc, acc, pid - p2, n2, stride_ob, stride_pb, B,
-                      B_PAD, BLOCK_N, False, SPLIT, PDL)
+                      B_PAD, BLOCK_N, False, SPLIT, PDL, LATE)
 
 
 def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tuple:
@@ -630,7 +642,7 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         x2d, out, partials, counters, *[arg for segment in padded for arg in segment], *starts, span, *scalars,
         x2d.stride(0), out.stride(0), partials.stride(-2), B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps,
         num_stages=stages, maxnreg=maxnreg, SEGMENTS=len(segments), GATED=gated, SPLIT=splits, **flags,
-        **pdl.launch_options(out.device),
+        LATE=gated or (nibble and use_dot and sum(rows) * k >= LATE_TRIGGER_WEIGHTS), **pdl.launch_options(out.device),
     )
     return out
 

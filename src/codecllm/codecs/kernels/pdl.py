@@ -6,11 +6,12 @@ launched and its programs are placed. Launched with PDL, a kernel may start whil
 still runs: its programs wait on the GPU (`wait_for_inputs`, griddepcontrol.wait) until that
 kernel has ended and its writes are visible, and read and write nothing before. Each kernel says
 when the next may launch (`launch_next`): the step's kernels do so right after their wait (so at
-most one kernel waits ahead of the one running), except the gate/up GEMV (see gemv.py).
+most one kernel waits ahead of the one running), except the gate/up GEMV and the large nibble
+GEMVs on tensor cores, which do so after their loops (see gemv.py).
 
 Results are unchanged (the same kernels in the same order; the GPU tests compare bits and
-tokens). On an H100 tinyllama's decode steps run 4-9% faster, the 8B's (long GEMVs) within +-3%
-(benchmarks/decode.py, NOTES.md). CODECLLM_PDL=0 launches the plain way.
+tokens). On an H100 tinyllama's decode steps run 1-11% faster at batches 1-8, the 8B's (long
+GEMVs) 2% at batch 1 (benchmarks/decode.py, NOTES.md). CODECLLM_PDL=0 launches the plain way.
 """
 
 from __future__ import annotations
