@@ -795,8 +795,10 @@ class NibbleGemvWeight:
 def _nibble_rows_kernel(ids, sign_mantissa, codes, escapes, slots, out, N, K, base, BLOCK: tl.constexpr,
                         SLOTS: tl.constexpr):
     r = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < K
+    lo = tl.program_id(1) * BLOCK  # this program's columns: [lo, hi)
+    hi = tl.minimum(lo + BLOCK, K)
+    cols = lo + tl.arange(0, BLOCK)
+    ok = cols < hi
     row = tl.load(ids + r).to(tl.int64)
     at = row * K + cols
     rest = tl.load(sign_mantissa + at, mask=ok, other=0).to(tl.int32)
@@ -809,8 +811,6 @@ def _nibble_rows_kernel(ids, sign_mantissa, codes, escapes, slots, out, N, K, ba
     # the loop's value at its column, once every thread's store above is done (a scatter of a few
     # values: comparing every column with every slot took 24 us a lookup on tinyllama's table)
     tl.debug_barrier()
-    lo = tl.program_id(1) * BLOCK
-    hi = tl.minimum(lo + BLOCK, K)
     _store_escapes(out_row, tile_escapes, row, lo, hi)
     for e0 in range(first_extra, last_extra, SLOTS):
         _store_escapes(out_row, _extra_escapes(extra, e0, last_extra, SLOTS), row, lo, hi)
