@@ -249,3 +249,56 @@ def test_pdl_launches_only_on_cuda_and_not_when_switched_off(monkeypatch):
     assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}  # no launch_pdl for the interpreter
     monkeypatch.setenv("CODECLLM_PDL", "0")
     assert not pdl.enabled(torch.device("cuda"))
+
+
+def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """The 32-bit integer PTX the GEMV kernels inline (prmt, and, mad.lo, lop3), run in Python."""
+    import re
+
+    regs = dict(inputs)
+    mask = 0xFFFFFFFF
+
+    def value(operand: str) -> int:
+        return regs[operand] if operand in regs else int(operand, 0)
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dst, *args = [a.strip() for a in rest.split(",")]
+        a = [value(v) for v in args]
+        if op == "prmt.b32":  # byte i of the result: byte (selector nibble i) of b:a
+            pool = a[0] | a[1] << 32
+            regs[dst] = sum(((pool >> 8 * ((a[2] >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+        elif op == "and.b32":
+            regs[dst] = a[0] & a[1]
+        elif op == "mad.lo.u32":
+            regs[dst] = (a[0] * a[1] + a[2]) & mask
+        elif op == "lop3.b32":  # bit by bit, the truth table a[3] at index (a << 2 | b << 1 | c)
+            regs[dst] = sum(((a[3] >> ((a[0] >> i & 1) << 2 | (a[1] >> i & 1) << 1 | (a[2] >> i & 1))) & 1) << i
+                            for i in range(32))
+        else:
+            raise AssertionError(f"no emulation of {op!r} ({line!r})")
+        assert re.fullmatch(r"\w+|\$\d", dst), dst
+    return regs
+
+
+def test_ptx_decode_gives_each_weights_bf16_bits():
+    """The PTX decode the GPU runs (byte permutes and a lop3 select), emulated instruction by
+    instruction on the CPU: each word of four sign+mantissa bytes and four 4-bit codes gives the
+    pairs (w0, w2), (w1, w3) of bf16 weights, sign and mantissa from the byte, exponent code + base.
+    The interpreter runs the integer form of the same decode (the tests above); the GPU tests
+    compare the two bit for bit."""
+    import random
+
+    from codecllm.codecs.kernels.gemv import _PAIRS_PTX
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        word, base = rng.getrandbits(32), rng.randrange(0, 241)
+        codes = [rng.randrange(0, 15) for _ in range(4)]  # 15 is the escape: its weight comes from the table
+        packed_codes = sum(c << 4 * j for j, c in enumerate(codes)) | rng.getrandbits(16) << 16
+        weight = [((word >> 8 * j & 0x80) << 8) | (codes[j] + base) << 7 | (word >> 8 * j & 0x7F) for j in range(4)]
+        regs = _run_ptx(_PAIRS_PTX.value, {"$2": word, "$3": packed_codes, "$4": base << 7 | base << 23})
+        assert (regs["$0"], regs["$1"]) == (weight[0] | weight[2] << 16, weight[1] | weight[3] << 16), hex(word)

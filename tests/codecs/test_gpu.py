@@ -182,6 +182,36 @@ def test_grouped_and_gated_gemvs_on_the_gpu():
             assert apart.max() <= 1 and (apart == 0).float().mean() > 0.99
 
 
+def test_ptx_decode_gives_the_bits_of_the_integer_decode(monkeypatch):
+    """The nibble GEMVs decode by PTX byte permutes on the GPU and by integer arithmetic in the
+    interpreter: on the GPU both give the same bits, on CUDA cores and tensor cores, split K and
+    escape tiles over their slots included, and one-hot inputs give the weights themselves."""
+    from codecllm.codecs.kernels import gemv as module
+    from codecllm.codecs.kernels.gemv import NibbleGemvWeight
+    from tests.conftest import bits
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for n, k in ((2048, 2048), (256, 5632), (100, 1000)):
+        w = gaussian_weights(n * k, seed=n + k).view(n, k)
+        w.view(-1)[torch.randint(0, n * k, (n * k // 200,), generator=torch.Generator().manual_seed(n))] = 1e-30
+        w[:16, ::5] = -3.0  # a tile over its slots
+        fused = NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda"))
+        for batch in (1, 2, 4, 8):
+            for config in (None, (16, 128, 4, 3, True, 1), (2, 256, 4, 1, False), (1, 1024, 2, 1, False)):
+                x = torch.randn(batch, k, device="cuda", generator=g).bfloat16()
+                monkeypatch.setattr(module, "PTX_DECODE", False)
+                integer = fused(x, config=config)
+                monkeypatch.setattr(module, "PTX_DECODE", True)
+                assert torch.equal(bits(fused(x, config=config)), bits(integer)), (n, k, batch, config)
+        for config in (None, (2, 256, 4, 1, False)):
+            cols = torch.randint(0, k, (8,), generator=torch.Generator().manual_seed(k))
+            x = torch.zeros(8, k, dtype=torch.bfloat16, device="cuda")
+            x[torch.arange(8), cols] = 1.0
+            want = w[:, cols].T.contiguous().cuda()
+            want = torch.where(want == 0, torch.zeros_like(want), want)
+            assert torch.equal(bits(fused(x, config=config)), bits(want)), (n, k, config)
+
+
 def test_rope_kv_write_on_the_gpu():
     from codecllm.kv.cache import KVCache
     from codecllm.models import fused_kernels as fused

@@ -17,8 +17,11 @@ spans (a second grid axis), each span's fp32 sums go to a workspace, and the las
 block to finish adds them in split order (the same result on every run, unlike atomic adds).
 
 The nibble decode is integer-bound, so it works on 32-bit words: one load brings the
-sign+mantissa bytes of 4 consecutive weights, a 16-bit load their 4 codes, and each fp32
-weight is 2 shifts + 3 masks + 1 add away (bf16 is the top half of an fp32). Escaped weights
+sign+mantissa bytes of 4 consecutive weights, a 16-bit load their 4 codes, and eight
+instructions make them two bf16 pairs (`_bf16_pairs`: byte permutes, two multiply-adds place the
+codes, one lop3 a pair selects; on CUDA cores a shift or a mask then widens each half to fp32,
+on tensor cores the pairs are the MMA operand). The interpreter runs no PTX and takes the same
+decode in integer arithmetic; the GPU tests compare the two bit for bit. Escaped weights
 (code 15) are not special-cased in the loop: the loop computes a known wrong value for them
 (code 15 read as exponent base + 15); afterwards the product with that value is taken out and
 the true one put in, from values computed exactly on the host and grouped by 16-row tile
@@ -46,23 +49,9 @@ ESCAPE_TILE = 16  # rows a tensor-core program takes, and rows per tile of its e
 # PDL: a nibble launch on tensor cores (batches 2-8) of this many weights or more lets the next
 # kernel launch after its loops, not right after its wait (see _nibble_kernel)
 LATE_TRIGGER_WEIGHTS = 1 << 24
-
-
-@triton.jit
-def _nibble_weight(words, codes, base_bits, J: tl.constexpr):
-    """fp32 value of weight J (0..3) of each word: its byte J of `words` holds sign<<7 | mantissa,
-    bits 4J..4J+3 of `codes` its exponent code; `base_bits` is base << 23."""
-    if J == 3:
-        mantissa = words >> 8
-    else:
-        mantissa = words << (16 - 8 * J)
-    if J == 3:
-        sign = words
-    else:
-        sign = words << (24 - 8 * J)
-    code = codes << (23 - 4 * J)
-    bits = (mantissa & 0x007F0000) | (sign & 0x80000000) | (code & 0x07800000)
-    return (bits + base_bits).to(tl.float32, bitcast=True)
+# nibble weights decoded by PTX byte permutes on the GPU (_bf16_pairs); the GPU tests switch it
+# off to compare the bits with the integer decode, the one the interpreter runs
+PTX_DECODE = True
 
 
 @triton.jit
@@ -103,7 +92,7 @@ def _nibble_rows(
     x, sign_mantissa, codes, escapes, slots, pid,
     N, words_per_row, base, stride_xw, stride_xb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
-    SLOTS: tl.constexpr,
+    SLOTS: tl.constexpr, PTX: tl.constexpr,
 ):
     """fp32 (B_PAD, BLOCK_N): rows pid * BLOCK_N... of one nibble matrix times x. BLOCK_N divides
     ESCAPE_TILE: a program's rows lie in one tile of the escape table."""
@@ -120,7 +109,7 @@ def _nibble_rows(
     batch_ok = batch < B
     word_ptr = sign_mantissa.to(tl.pointer_type(tl.uint32))
     code_ptr = codes.to(tl.pointer_type(tl.uint16))
-    base_bits = base.to(tl.uint32) << 23
+    base2 = (base << 7) | (base << 23)
     # Tiles are (rows, BW/2, 2) words, and x is read as 64-bit words (4 bf16, the inputs of one
     # weight word): Triton then gives the weight words, their codes and the x words the same
     # layout (2 consecutive elements per thread) and needs no shared-memory shuffle between them,
@@ -143,10 +132,13 @@ def _nibble_rows(
             packed = tl.load(word_ptr + row_words + w, mask=ok, other=0)
             packed_codes = tl.load(code_ptr + row_words + w, mask=ok, other=0).to(tl.uint32)
             xw = tl.load(x_rows + w[None], mask=batch_ok[:, None, None, None] & (w < words_per_row)[None], other=0)
-        acc4 += _nibble_weight(packed, packed_codes, base_bits, 0)[None] * _bf16_at(xw, 0)
-        acc4 += _nibble_weight(packed, packed_codes, base_bits, 1)[None] * _bf16_at(xw, 1)
-        acc4 += _nibble_weight(packed, packed_codes, base_bits, 2)[None] * _bf16_at(xw, 2)
-        acc4 += _nibble_weight(packed, packed_codes, base_bits, 3)[None] * _bf16_at(xw, 3)
+        # the word's weights as bf16 pairs (w0, w2), (w1, w3), each half widened to fp32 by a shift or mask
+        even, odd = _bf16_pairs(packed.to(tl.int32, bitcast=True), packed_codes.to(tl.int32, bitcast=True), base2,
+                                PTX)
+        acc4 += (even << 16).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 0)
+        acc4 += (odd << 16).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 1)
+        acc4 += (even & -65536).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 2)
+        acc4 += (odd & -65536).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 3)
     acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # (B_PAD, BLOCK_N)
     acc = _escape_sums(acc, x, tile_escapes, rows, stride_xb, B, B_PAD)
     for e0 in range(first_extra, last_extra, SLOTS):  # rare: more escapes than slots
@@ -175,22 +167,45 @@ def _escape_sums(acc, x, packed, rows, stride_xb, B: tl.constexpr, B_PAD: tl.con
     return acc + tl.sum(tl.where(mine[None], xs * put_in, 0.0), axis=2)
 
 
+# _bf16_pairs in PTX: $0, $1 = the (w0, w2), (w1, w3) pairs of word $2 with codes $3, base2 $4
+_PAIRS_PTX = tl.constexpr("""{
+    .reg .b32 e, o, ce, co;
+    prmt.b32 e, $2, 0, 0x2200;
+    prmt.b32 o, $2, 0, 0x3311;
+    and.b32 ce, $3, 0x0F0F;
+    and.b32 co, $3, 0xF0F0;
+    mad.lo.u32 ce, ce, 0x8080, $4;
+    mad.lo.u32 co, co, 0x808, $4;
+    lop3.b32 $0, e, ce, 0x807F807F, 0xE4;
+    lop3.b32 $1, o, co, 0x807F807F, 0xE4;
+}""")
+
+
 @triton.jit
-def _bf16_pairs(words, codes, base2):
+def _bf16_pairs(words, codes, base2, PTX: tl.constexpr):
     """The four weights of each 32-bit word of sign+mantissa bytes (b0..b3; `codes` holds their
     exponent codes c0..c3 in bits 0-3, 4-7, 8-11, 12-15) as two bf16x2 words, (w0, w2) and (w1, w3),
     low half first; base2 = base << 7 | base << 23.
     Each byte is copied into both bytes of its half: [b0, b0, b2, b2] has w0's sign at bit 15 and
     mantissa at bits 0-6, w2's at 31 and 16-22. (codes & 0x0F0F) * 0x8080 puts c0 at bits 7-10 and
     c2 at 23-26 (its other copies land in bits 15-19, which the select takes from the bytes); adding
-    base2 there makes the exponents (code + base < 255: no carry leaves its field)."""
+    base2 there makes the exponents (code + base < 255: no carry leaves its field).
+    PTX: the same in eight instructions a word, byte permutes (prmt) for the copies and one lop3 a
+    pair for the select; the interpreter runs no PTX, so it checks the integer form, which the GPU
+    tests compare with this one bit for bit."""
     SIGN_MANTISSA: tl.constexpr = -0x7F807F81  # 0x807F807F
-    even = (words & 0x00FF00FF) * 0x101
-    odd = ((words >> 8) & 0x00FF00FF) * 0x101
-    exp_even = (codes & 0x0F0F) * 0x8080 + base2
-    exp_odd = (codes & 0xF0F0) * 0x808 + base2
-    return ((even & SIGN_MANTISSA) | (exp_even & ~SIGN_MANTISSA),
-            (odd & SIGN_MANTISSA) | (exp_odd & ~SIGN_MANTISSA))
+    if PTX:
+        return tl.inline_asm_elementwise(
+            _PAIRS_PTX,
+            "=r,=r,r,r,r", [words, codes, tl.full(words.shape, 0, tl.int32) + base2],
+            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        even = (words & 0x00FF00FF) * 0x101
+        odd = ((words >> 8) & 0x00FF00FF) * 0x101
+        exp_even = (codes & 0x0F0F) * 0x8080 + base2
+        exp_odd = (codes & 0xF0F0) * 0x808 + base2
+        return ((even & SIGN_MANTISSA) | (exp_even & ~SIGN_MANTISSA),
+                (odd & SIGN_MANTISSA) | (exp_odd & ~SIGN_MANTISSA))
 
 
 @triton.jit
@@ -223,13 +238,13 @@ def _step_loads(word_ptr, code_ptr, x_ptr, row_words, x_words, o, rows, N, start
 
 @triton.jit
 def _step_mma(acc, packed, packed_codes, x_lo, x_hi, base2, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_FP32: tl.constexpr, WARPS: tl.constexpr):
+              DOT_FP32: tl.constexpr, WARPS: tl.constexpr, PTX: tl.constexpr):
     """acc plus one MMA step of _nibble_rows_dot: the loaded words decoded into the operand
     layout (see there), x permuted to the same K order."""
     NT: tl.constexpr = BLOCK_N // 8
     LANE_WORDS: tl.constexpr = 4
     KQ: tl.constexpr = 16 * LANE_WORDS
-    even, odd = _bf16_pairs(packed, packed_codes, base2)
+    even, odd = _bf16_pairs(packed, packed_codes, base2, PTX)
     # [v, word, 2, 2] -> (q, word j, lane t, pair, half, nt, g) -> (q, K, BLOCK_N)
     w = tl.reshape(tl.join(_halves(even), _halves(odd)).to(tl.int16), (NT, WARPS, 8, 4, LANE_WORDS, 2, 2))
     w = tl.reshape(tl.permute(w, (1, 4, 3, 6, 5, 0, 2)), (WARPS, KQ, BLOCK_N)).to(tl.bfloat16, bitcast=True)
@@ -251,7 +266,7 @@ def _nibble_rows_dot(
     x, sign_mantissa, codes, escapes, slots, pid,
     N, words_per_row, base, stride_xw, stride_xb, span, warp_words,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
-    DOT_FP32: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr,
+    DOT_FP32: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PTX: tl.constexpr,
 ):
     """_nibble_rows for batches of 2-8 on tensor cores (mma.sync through tl.dot), over columns
     [span * s, span * (s + 1)) for split s (axis 1 of the grid), which the WARPS warps cut in
@@ -317,8 +332,8 @@ def _nibble_rows_dot(
                                          end, x_start, x_word, batch_ok, EVEN)
             d0, d1, d2, d3 = _step_loads(word_ptr, code_ptr, x_ptr, row_words, x_words, ahead + ROW_WORDS, rows, N,
                                          start, word, end, x_start, x_word, batch_ok, EVEN)
-            acc = _step_mma(acc, a0, a1, a2, a3, base2, B_PAD, BLOCK_N, DOT_FP32, WARPS)
-            acc = _step_mma(acc, b0, b1, b2, b3, base2, B_PAD, BLOCK_N, DOT_FP32, WARPS)
+            acc = _step_mma(acc, a0, a1, a2, a3, base2, B_PAD, BLOCK_N, DOT_FP32, WARPS, PTX)
+            acc = _step_mma(acc, b0, b1, b2, b3, base2, B_PAD, BLOCK_N, DOT_FP32, WARPS, PTX)
             a0, a1, a2, a3 = c0, c1, c2, c3
             b0, b1, b2, b3 = d0, d1, d2, d3
     else:
@@ -326,7 +341,7 @@ def _nibble_rows_dot(
             for step in tl.static_range(STEPS):
                 a0, a1, a2, a3 = _step_loads(word_ptr, code_ptr, x_ptr, row_words, x_words, w0 + step * ROW_WORDS,
                                              rows, N, start, word, end, x_start, x_word, batch_ok, EVEN)
-                acc = _step_mma(acc, a0, a1, a2, a3, base2, B_PAD, BLOCK_N, DOT_FP32, WARPS)
+                acc = _step_mma(acc, a0, a1, a2, a3, base2, B_PAD, BLOCK_N, DOT_FP32, WARPS, PTX)
     lo, hi = split * span, split * span + span
     acc = _escape_dot(tl.sum(acc, axis=0), x, tile_escapes, lo, hi, stride_xb, B, B_PAD, BLOCK_N, DOT_FP32)
     for e0 in range(first_extra, last_extra, SLOTS):  # rare: more escapes than slots
@@ -407,15 +422,15 @@ def _nibble_block(
     x, sign_mantissa, codes, escapes, slots, pid,
     N, words_per_row, base, stride_xw, stride_xb, span, warp_words,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PTX: tl.constexpr,
 ):
     """One program's rows of one matrix (`escapes`, `slots`: its EscapeTable)."""
     if USE_DOT:
         acc = _nibble_rows_dot(x, sign_mantissa, codes, escapes, slots, pid, N, words_per_row, base, stride_xw,
-                               stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, DOT_FP32, WARPS, SLOTS)
+                               stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, DOT_FP32, WARPS, SLOTS, PTX)
     else:
         acc = _nibble_rows(x, sign_mantissa, codes, escapes, slots, pid, N, words_per_row, base, stride_xw,
-                           stride_xb, B, B_PAD, BLOCK_N, BK, EVEN, SLOTS)
+                           stride_xb, B, B_PAD, BLOCK_N, BK, EVEN, SLOTS, PTX)
     return acc
 
 
@@ -429,6 +444,7 @@ def _nibble_kernel(
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr,
     SPLIT: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr,
+    PTX: tl.constexpr,
 ):
     # Up to three matrices of the same input width in one launch (q/k/v): programs [0, p1) take
     # matrix 0, [p1, p2) matrix 1, the rest matrix 2, each writing its own columns of `out`.
@@ -449,9 +465,11 @@ def _nibble_kernel(
     if GATED:
         wait_for_inputs(PDL)
         gate = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
-                             stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS)
+                             stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS,
+                             PTX)
         up = _nibble_block(x, sm1, codes1, et1, es1, pid, n0, words_per_row, base1, stride_xw,
-                           stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS)
+                           stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS,
+                           PTX)
         _emit(out, partials, counters, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT, PDL,
               LATE)
     else:
@@ -464,21 +482,21 @@ def _nibble_kernel(
         if seg == 0:
             acc = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
                                 stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
-                                SLOTS)
+                                SLOTS, PTX)
             _emit(out, partials, counters, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT,
                   PDL, LATE)
         if SEGMENTS >= 2:
             if seg == 1:
                 acc = _nibble_block(x, sm1, codes1, et1, es1, pid - p1, n1, words_per_row, base1,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
-                                    DOT_FP32, WARPS, SLOTS)
+                                    DOT_FP32, WARPS, SLOTS, PTX)
                 _emit(out + n0, partials + n0, counters, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD,
                       BLOCK_N, False, SPLIT, PDL, LATE)
         if SEGMENTS == 3:
             if seg == 2:
                 acc = _nibble_block(x, sm2, codes2, et2, es2, pid - p2, n2, words_per_row, base2,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
-                                    DOT_FP32, WARPS, SLOTS)
+                                    DOT_FP32, WARPS, SLOTS, PTX)
                 _emit(out + n0 + n1, partials + n0 + n1, counters, acc, acc, pid - p2, n2, stride_ob, stride_pb, B,
                       B_PAD, BLOCK_N, False, SPLIT, PDL, LATE)
 
@@ -625,6 +643,7 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         flags["EVEN"] = all(n % block_n == 0 for n in rows) and k % (span if use_dot else bk) == 0
         flags["WARPS"] = warps
         flags["SLOTS"] = max(segment[3] for segment in segments)  # the widest of the tables
+        flags["PTX"] = PTX_DECODE and not interpreting()
     else:
         scalars = (k,)
     programs = [triton.cdiv(n, block_n) for n in rows]
