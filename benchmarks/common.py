@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,10 +84,15 @@ def cpu_time_s(fn: Callable[[], Any], repeat: int = 1) -> float:
     return statistics.median(times)
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
+def write_result(name: str, payload: dict[str, Any], report: str | None = None) -> Path:
+    """benchmarks/results/NAME-GPU.json, and NAME-GPU.txt with `report` (the tables the script
+    printed) under the command line that made it, so the two always come from one run."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     env = payload.setdefault("environment", environment())
     tag = (env.get("gpu") or "cpu").replace(" ", "-").replace("/", "-")
     path = RESULTS / f"{name}-{tag}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
+    if report is not None:
+        command = " ".join(["python", *sys.argv])
+        path.with_suffix(".txt").write_text(f"{command}   ({env.get('date')})\n\n{report}\n")
     return path

@@ -180,6 +180,31 @@ def prefill_speed(model_name, length, weights=None, cache="auto"):
     return length / seconds
 
 
+def report(payload: dict) -> str:
+    """The table of rows, the paired rounds and prefill figures, and the run's settings."""
+    rows, paired, env = payload["rows"], payload["nibble_vs_bf16_paired"], payload["environment"]
+    table = format_table(["configuration", "tok/s", "roofline", "weights held", "+ kept decompressed",
+                          "same tokens as bf16"],
+                         [[label, f"{r['tok_s']:.1f}" if "tok_s" in r else r.get("error", "-"),
+                           f"{r['roofline_fraction']:.2f}" if "roofline_fraction" in r else "-",
+                           human_bytes(r["weights_held"]) if "weights_held" in r else "-",
+                           human_bytes(r["stats"]["cache_bytes"]) if "stats" in r else "-",
+                           {True: "yes", False: f"NO (first {r.get('same_steps_as_bf16')} steps)"}.get(
+                               r.get("same_tokens_as_bf16"), "-")]
+                          for label, r in rows.items()])
+    lines = [table, ""]
+    if paired:
+        lines.append(f"nibble / bf16 (Triton GEMV) graph, timed in turn: median {paired['median']:.3f}x over "
+                     f"{paired['rounds']} rounds ({paired['min']:.3f}-{paired['max']:.3f}), rounds: "
+                     + " ".join(f"{r:.3f}" for r in paired["ratios"]))
+    for label, tok_s in payload["prefill_tok_s"].items():
+        lines.append(f"prefill {label}: {tok_s:.0f} tok/s")
+    lines.append(f"{payload['model']}; prompt {payload['prompt']}, {payload['new']} new tokens, batch "
+                 f"{payload['batch']}; copy bandwidth {payload['copy_bandwidth'] / 1e12:.2f} TB/s; {env['gpu']}; "
+                 f"torch {env['torch']}; {env['date']}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tinyllama-1.1b")
@@ -283,27 +308,16 @@ def main() -> None:
             prefill[label] = prefill_speed(args.model, length, weights, cache)
             print(f"prefill {length} {label:34s} {prefill[label]:9.0f} tok/s", flush=True)
 
-    print()
-    print(format_table(["configuration", "tok/s", "roofline", "weights held", "+ kept decompressed",
-                        "same tokens as bf16"],
-                       [[label, f"{r['tok_s']:.1f}" if "tok_s" in r else r.get("error", "-"),
-                         f"{r['roofline_fraction']:.2f}" if "roofline_fraction" in r else "-",
-                         human_bytes(r["weights_held"]) if "weights_held" in r else "-",
-                         human_bytes(r["stats"]["cache_bytes"]) if "stats" in r else "-",
-                         {True: "yes", False: f"NO (first {r.get('same_steps_as_bf16')} steps)"}.get(
-                             r.get("same_tokens_as_bf16"), "-")]
-                        for label, r in rows.items()]))
     env = environment()
-    print(f"\n{args.model}; prompt {args.prompt}, {args.new} new tokens, batch {args.batch}; "
-          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; {env['gpu']}; "
-          f"torch {env['torch']}; {env['date']}")
     for r in rows.values():
         r.pop("tokens", None)
     payload = {"model": args.model, "prompt": args.prompt, "new": args.new, "batch": args.batch,
                "copy_bandwidth": bandwidth,
                "rows": rows, "nibble_vs_bf16_paired": paired, "prefill_tok_s": prefill, "environment": env}
+    text = report(payload)
+    print(f"\n{text}")
     name = args.name or f"decode-{args.model}" + (f"-b{args.batch}" if args.batch > 1 else "")
-    print(f"wrote {write_result(name, payload)}")
+    print(f"wrote {write_result(name, payload, text)}")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,25 @@ def bench_group(name: str, shapes: list[tuple[int, int]], made, batch: int) -> d
             "nibble_vs_best_bf16": min(times["cublas"], times["triton_bf16"]) / times["nibble"]}
 
 
+def report(rows: list[dict], grouped: list[dict], env: dict) -> str:
+    """The single-matrix table, the grouped-launch table and the environment line."""
+    single = format_table(
+        ["model", "N x K", "batch", "cuBLAS bf16", "Triton bf16", "nibble fused", "nibble vs best bf16",
+         "nibble GB/s", "err cuBLAS", "err nibble"],
+        [[r["model"], f"{r['n']}x{r['k']}", r["batch"], f"{r['ms']['cublas'] * 1e3:.1f} us",
+          f"{r['ms']['triton_bf16'] * 1e3:.1f} us", f"{r['ms']['nibble'] * 1e3:.1f} us",
+          f"{r['nibble_vs_best_bf16']:.2f}x", f"{r['gbps']['nibble']:.0f}", f"{r['errors']['cublas']:.1e}",
+          f"{r['errors']['nibble']:.1e}"] for r in rows])
+    launches = format_table(
+        ["model", "launch", "matrices", "batch", "cuBLAS bf16", "Triton bf16", "nibble fused", "nibble vs best bf16",
+         "nibble GB/s"],
+        [[r["model"], r["group"], " + ".join(f"{n}x{k}" for n, k in r["shapes"]), r["batch"],
+          f"{r['ms']['cublas'] * 1e3:.1f} us",
+          f"{r['ms']['triton_bf16'] * 1e3:.1f} us", f"{r['ms']['nibble'] * 1e3:.1f} us",
+          f"{r['nibble_vs_best_bf16']:.2f}x", f"{r['gbps']['nibble']:.0f}"] for r in grouped])
+    return f"{single}\n\n{launches}\n\n{env['gpu']}; torch {env['torch']}; triton {env['triton']}; {env['date']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,2,4,8")
@@ -158,13 +177,6 @@ def main() -> None:
                         print(f"sweep {n}x{k} b{batch}: best {best[1]} {best[0] * 1e3:.1f} us "
                               f"(default {r['ms'][kernel] * 1e3:.1f} us)", flush=True)
             del made
-    print(format_table(
-        ["model", "N x K", "batch", "cuBLAS bf16", "Triton bf16", "nibble fused", "nibble vs best bf16",
-         "nibble GB/s", "err cuBLAS", "err nibble"],
-        [[r["model"], f"{r['n']}x{r['k']}", r["batch"], f"{r['ms']['cublas'] * 1e3:.1f} us",
-          f"{r['ms']['triton_bf16'] * 1e3:.1f} us", f"{r['ms']['nibble'] * 1e3:.1f} us",
-          f"{r['nibble_vs_best_bf16']:.2f}x", f"{r['gbps']['nibble']:.0f}", f"{r['errors']['cublas']:.1e}",
-          f"{r['errors']['nibble']:.1e}"] for r in rows]))
     grouped = []
     for model in SHAPES:
         for name, shapes in groups(model).items():
@@ -174,17 +186,10 @@ def main() -> None:
                 r["model"] = model
                 grouped.append(r)
             del made
-    print()
-    print(format_table(
-        ["model", "launch", "matrices", "batch", "cuBLAS bf16", "Triton bf16", "nibble fused", "nibble vs best bf16",
-         "nibble GB/s"],
-        [[r["model"], r["group"], " + ".join(f"{n}x{k}" for n, k in r["shapes"]), r["batch"],
-          f"{r['ms']['cublas'] * 1e3:.1f} us",
-          f"{r['ms']['triton_bf16'] * 1e3:.1f} us", f"{r['ms']['nibble'] * 1e3:.1f} us",
-          f"{r['nibble_vs_best_bf16']:.2f}x", f"{r['gbps']['nibble']:.0f}"] for r in grouped]))
     env = environment()
-    print(f"\n{env['gpu']}; torch {env['torch']}; triton {env['triton']}; {env['date']}")
-    print(f"wrote {write_result('gemv', {'rows': rows, 'grouped': grouped, 'environment': env})}")
+    text = report(rows, grouped, env)
+    print(text)
+    print(f"wrote {write_result('gemv', {'rows': rows, 'grouped': grouped, 'environment': env}, text)}")
 
 
 if __name__ == "__main__":
