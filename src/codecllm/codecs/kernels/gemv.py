@@ -49,8 +49,8 @@ ESCAPE_TILE = 16  # rows a tensor-core program takes, and rows per tile of its e
 # PDL: a nibble launch on tensor cores (batches 2-8) of this many weights or more lets the next
 # kernel launch after its loops, not right after its wait (see _nibble_kernel)
 LATE_TRIGGER_WEIGHTS = 1 << 24
-# nibble weights decoded by PTX byte permutes on the GPU (_bf16_pairs); the GPU tests switch it
-# off to compare the bits with the integer decode, the one the interpreter runs
+# nibble weights decoded by PTX byte permutes on NVIDIA GPUs (_bf16_pairs); the GPU tests switch
+# it off to compare the bits with the integer decode, the one the interpreter (and ROCm) runs
 PTX_DECODE = True
 
 
@@ -643,7 +643,7 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         flags["EVEN"] = all(n % block_n == 0 for n in rows) and k % (span if use_dot else bk) == 0
         flags["WARPS"] = warps
         flags["SLOTS"] = max(segment[3] for segment in segments)  # the widest of the tables
-        flags["PTX"] = PTX_DECODE and not interpreting()
+        flags["PTX"] = PTX_DECODE and not interpreting() and torch.version.hip is None  # NVIDIA PTX only
     else:
         scalars = (k,)
     programs = [triton.cdiv(n, block_n) for n in rows]
