@@ -107,7 +107,7 @@ def _nibble_rows(
     row_ok = rows < N
     batch = tl.arange(0, B_PAD)
     batch_ok = batch < B
-    word_ptr = sign_mantissa.to(tl.pointer_type(tl.uint32))
+    word_ptr = sign_mantissa.to(tl.pointer_type(tl.int32))
     code_ptr = codes.to(tl.pointer_type(tl.uint16))
     base2 = (base << 7) | (base << 23)
     # Tiles are (rows, BW/2, 2) words, and x is read as 64-bit words (4 bf16, the inputs of one
@@ -125,16 +125,15 @@ def _nibble_rows(
         w = w0 + in_tile
         if EVEN:
             packed = tl.load(word_ptr + row_words + w)
-            packed_codes = tl.load(code_ptr + row_words + w).to(tl.uint32)
+            packed_codes = tl.load(code_ptr + row_words + w).to(tl.int32)
             xw = tl.load(x_rows + w[None], mask=batch_ok[:, None, None, None], other=0)
         else:
             ok = row_ok[:, None, None] & (w < words_per_row)
             packed = tl.load(word_ptr + row_words + w, mask=ok, other=0)
-            packed_codes = tl.load(code_ptr + row_words + w, mask=ok, other=0).to(tl.uint32)
+            packed_codes = tl.load(code_ptr + row_words + w, mask=ok, other=0).to(tl.int32)
             xw = tl.load(x_rows + w[None], mask=batch_ok[:, None, None, None] & (w < words_per_row)[None], other=0)
         # the word's weights as bf16 pairs (w0, w2), (w1, w3), each half widened to fp32 by a shift or mask
-        even, odd = _bf16_pairs(packed.to(tl.int32, bitcast=True), packed_codes.to(tl.int32, bitcast=True), base2,
-                                PTX)
+        even, odd = _bf16_pairs(packed, packed_codes, base2, PTX)
         acc4 += (even << 16).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 0)
         acc4 += (odd << 16).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 1)
         acc4 += (even & -65536).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 2)
