@@ -172,6 +172,24 @@ def zstd_plain(weights: torch.Tensor) -> dict:
             "bit_identical": zstandard.ZstdDecompressor().decompress(compressed) == data}
 
 
+def report(payload: dict) -> str:
+    """The codecs table and the run's settings, from the payload alone."""
+    rows, env = payload["rows"], payload["environment"]
+
+    def cell(row, key, fmt):
+        return fmt.format(row[key]) if row.get(key) is not None else "-"
+
+    table = format_table(
+        ["codec", "size", "encode (CPU)", "decode (CPU)", "decode (GPU)", "one call (GPU)", "exact"],
+        [[r["codec"], cell(r, "size", "{:.2%}"), cell(r, "encode_mweights_s", "{:.1f} M/s"),
+          cell(r, "cpu_decode_gbps", "{:.2f} GB/s"), cell(r, "gpu_decode_gbps", "{:.0f} GB/s"),
+          cell(r, "gpu_call_gbps", "{:.0f} GB/s"),
+          {True: "yes", False: "NO"}.get(r.get("bit_identical"), r.get("error", "-"))] for r in rows],
+    )
+    return (f"{table}\n\n{payload['numel'] / 1e6:.1f}M bf16 weights N(0, 0.02); {env['gpu'] or 'no GPU'}; "
+            f"torch {env['torch']}; triton {env['triton']}; {env['cpu_threads']} CPU threads; {env['date']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--numel", type=int, default=32 * 1024 * 1024)
@@ -185,22 +203,10 @@ def main() -> None:
     for name in args.peers.split(","):
         if name:
             rows.append(peers[name](weights))
-
-    def cell(row, key, fmt):
-        return fmt.format(row[key]) if row.get(key) is not None else "-"
-
-    print(format_table(
-        ["codec", "size", "encode (CPU)", "decode (CPU)", "decode (GPU)", "one call (GPU)", "exact"],
-        [[r["codec"], cell(r, "size", "{:.2%}"), cell(r, "encode_mweights_s", "{:.1f} M/s"),
-          cell(r, "cpu_decode_gbps", "{:.2f} GB/s"), cell(r, "gpu_decode_gbps", "{:.0f} GB/s"),
-          cell(r, "gpu_call_gbps", "{:.0f} GB/s"),
-          {True: "yes", False: "NO"}.get(r.get("bit_identical"), r.get("error", "-"))] for r in rows],
-    ))
-    env = environment()
-    print(f"\n{args.numel / 1e6:.1f}M bf16 weights N(0, 0.02); {env['gpu'] or 'no GPU'}; torch {env['torch']}; "
-          f"triton {env['triton']}; {env['cpu_threads']} CPU threads; {env['date']}")
-    path = write_result("codecs", {"numel": args.numel, "rows": rows, "environment": env})
-    print(f"wrote {path}")
+    payload = {"numel": args.numel, "rows": rows, "environment": environment()}
+    text = report(payload)
+    print(text)
+    print(f"wrote {write_result('codecs', payload, text)}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import gpu_time_ms, graph_time_ms, rotating, write_result  # noqa: E402
+from common import environment, gpu_time_ms, graph_time_ms, rotating, write_result  # noqa: E402
 
 import codecllm  # noqa: E402
 from codecllm.models import ModelConfig  # noqa: E402
@@ -64,6 +64,17 @@ def model_shapes(names: list[str]) -> list[tuple[int, int]]:
     return shapes
 
 
+def report(payload: dict) -> str:
+    """The decode-time table and the run's settings, from the payload alone."""
+    ways = ("call", "back_to_back", "graph")
+    env = payload["environment"]
+    table = format_table(["shape", "codec", "one decode() call", "back to back", "in a CUDA graph"],
+                         [["x".join(map(str, r["shape"])), r["codec"]]
+                          + [f"{r[f'{k}_us']:.1f} us = {r[f'{k}_gbps']:.0f} GB/s" for k in ways]
+                          for r in payload["rows"]])
+    return f"{table}\n\n{env['gpu']}; torch {env['torch']}; triton {env['triton']}; {env['date']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--numel", type=int, default=32 * 1024 * 1024)
@@ -77,12 +88,10 @@ def main() -> None:
         w = (torch.randn(n, k, generator=g) * 0.02).bfloat16()
         for name in ("huffman", "nibble"):
             rows.append(profile(w, name))
-    ways = ("call", "back_to_back", "graph")
-    ways = ("call", "back_to_back", "graph")
-    print(format_table(["shape", "codec", "one decode() call", "back to back", "in a CUDA graph"],
-                       [["x".join(map(str, r["shape"])), r["codec"]]
-                        + [f"{r[f'{k}_us']:.1f} us = {r[f'{k}_gbps']:.0f} GB/s" for k in ways] for r in rows]))
-    print(f"wrote {write_result('decode_profile', {'rows': rows})}")
+    payload = {"numel": args.numel, "models": args.models, "rows": rows, "environment": environment()}
+    text = report(payload)
+    print(text)
+    print(f"wrote {write_result('decode_profile', payload, text)}")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,30 @@ def hf_generate(hf, prompt, new) -> dict:
             "repeatable": generate(new)[0, len(prompt):].tolist() == tokens}
 
 
+def report(payload: dict) -> str:
+    """The table (each row's greedy tokens against the bf16 run that computes the same way) and
+    the run's settings, from the payload alone."""
+    rows, env = payload["rows"], payload["environment"]
+    original = rows["HF transformers eager, bf16"]["weights_held"]
+
+    def tokens_cell(r):
+        if "same_tokens" not in r:
+            return "-"
+        if r["same_tokens"]:
+            return f"same as {r['same_tokens_as']}"
+        return f"differ from {r['same_tokens_as']} from token {r['first_different_token']}"
+
+    table = format_table(["configuration", "tok/s", "weights held", "of bf16", "peak GPU memory", "repeatable",
+                          "weights bit-identical", "greedy tokens"],
+                         [[label, f"{r['tok_s']:.1f}", human_bytes(r["weights_held"]),
+                           f"{r['weights_held'] / original:.1%}", human_bytes(r["peak"]),
+                           {True: "yes", False: "NO"}.get(r.get("repeatable"), "-"),
+                           {True: "yes", False: "NO"}.get(r.get("bit_identical"), "-"), tokens_cell(r)]
+                          for label, r in rows.items()])
+    return (f"{table}\n\n{payload['model']}; prompt {payload['prompt']}, {payload['new']} new tokens, batch 1; "
+            f"{env['gpu']}; torch {env['torch']}; {env['date']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tinyllama-1.1b")
@@ -192,27 +216,10 @@ def main() -> None:
     for r in rows.values():
         r.pop("tokens")
         r.pop("stats", None)
-    original = rows["HF transformers eager, bf16"]["weights_held"]
-    print()
-    def tokens_cell(r):
-        if "same_tokens" not in r:
-            return "-"
-        if r["same_tokens"]:
-            return f"same as {r['same_tokens_as']}"
-        return f"differ from {r['same_tokens_as']} from token {r['first_different_token']}"
-
-    print(format_table(["configuration", "tok/s", "weights held", "of bf16", "peak GPU memory", "repeatable",
-                        "weights bit-identical", "greedy tokens"],
-                       [[label, f"{r['tok_s']:.1f}", human_bytes(r["weights_held"]),
-                         f"{r['weights_held'] / original:.1%}", human_bytes(r["peak"]),
-                         {True: "yes", False: "NO"}.get(r.get("repeatable"), "-"),
-                         {True: "yes", False: "NO"}.get(r.get("bit_identical"), "-"), tokens_cell(r)]
-                        for label, r in rows.items()]))
-    env = environment()
-    print(f"\n{args.model}; prompt {args.prompt}, {args.new} new tokens, batch 1; {env['gpu']}; "
-          f"torch {env['torch']}; {env['date']}")
-    payload = {"model": args.model, "prompt": args.prompt, "new": args.new, "rows": rows, "environment": env}
-    print(f"wrote {write_result(f'dfloat11_model-{args.model}', payload)}")
+    payload = {"model": args.model, "prompt": args.prompt, "new": args.new, "rows": rows, "environment": environment()}
+    text = report(payload)
+    print(f"\n{text}")
+    print(f"wrote {write_result(f'dfloat11_model-{args.model}', payload, text)}")
 
 
 if __name__ == "__main__":

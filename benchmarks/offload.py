@@ -44,6 +44,21 @@ def accelerate_offload(model, prompt, new):
     return {"tok_s": speed, "h2d_gbps_achieved": weight_bytes * speed / 1e9}
 
 
+def report(payload: dict) -> str:
+    """The offload table and the run's settings, from the payload alone."""
+    rows, env = payload["rows"], payload["environment"]
+    headers = ["configuration", "tok/s", "bytes moved per token", "GB/s moved", "of pinned H2D", "GPU memory in use"]
+    table = format_table(headers,
+                         [[label, f"{r['tok_s']:.2f}" if "tok_s" in r else r.get("error", "-"),
+                           human_bytes(r["bytes_per_token"]) if "bytes_per_token" in r else "-",
+                           f"{r['h2d_gbps_achieved']:.1f}" if "h2d_gbps_achieved" in r else "-",
+                           f"{r['h2d_fraction']:.0%}" if "h2d_fraction" in r else "-",
+                           human_bytes(r["gpu_memory"]) if "gpu_memory" in r else "-"]
+                          for label, r in rows.items()])
+    return (f"{table}\n\n{payload['model']}; prompt {payload['prompt']}, {payload['new']} new tokens, batch 1; "
+            f"pinned H2D {payload['h2d_bandwidth'] / 1e9:.1f} GB/s; {env['gpu']}; torch {env['torch']}; {env['date']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tinyllama-1.1b")
@@ -75,20 +90,11 @@ def main() -> None:
         rows["accelerate cpu_offload (bf16, transformers)"] = r
     for r in rows.values():
         r.pop("tokens", None)
-    headers = ["configuration", "tok/s", "bytes moved per token", "GB/s moved", "of pinned H2D", "GPU memory in use"]
-    print(format_table(headers,
-                       [[label, f"{r['tok_s']:.2f}" if "tok_s" in r else r.get("error", "-"),
-                         human_bytes(r["bytes_per_token"]) if "bytes_per_token" in r else "-",
-                         f"{r['h2d_gbps_achieved']:.1f}" if "h2d_gbps_achieved" in r else "-",
-                         f"{r['h2d_fraction']:.0%}" if "h2d_fraction" in r else "-",
-                         human_bytes(r["gpu_memory"]) if "gpu_memory" in r else "-"]
-                        for label, r in rows.items()]))
-    env = environment()
-    print(f"\n{args.model}; prompt {args.prompt}, {args.new} new tokens, batch 1; pinned H2D {h2d / 1e9:.1f} GB/s; "
-          f"{env['gpu']}; torch {env['torch']}; {env['date']}")
     payload = {"model": args.model, "prompt": args.prompt, "new": args.new, "h2d_bandwidth": h2d, "rows": rows,
-               "environment": env}
-    print(f"wrote {write_result(f'offload-{args.model}', payload)}")
+               "environment": environment()}
+    text = report(payload)
+    print(text)
+    print(f"wrote {write_result(f'offload-{args.model}', payload, text)}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,20 @@ import codecllm
 from codecllm.report import format_table
 
 
+def report(payload: dict) -> str:
+    """The per-kernel table (top 25) and the step's totals, from the payload alone."""
+    rows, total_us = payload["rows"], payload["kernel_us_per_step"]
+    table = format_table(["kernel", "launches/step", "us/step", "share"],
+                         [[name[:80], f"{n:.0f}", f"{us:.1f}", f"{us / total_us:.0%}"] for name, n, us in rows[:25]])
+    mode = "graph" if payload["graphs"] else "eager"
+    env = payload["environment"]
+    # model, weights and cache: recorded since 2026-11-23 (earlier runs: in the file name only)
+    setting = " ".join(str(payload.get(key, "?")) for key in ("model", "weights"))
+    return (f"{table}\n\n{setting} ({payload.get('cache', '?')}, {mode}): "
+            f"{payload['kernels_per_step']:.0f} kernels, {total_us:.0f} us of kernel time per decode step, "
+            f"{payload['wall_us_per_step']:.0f} us wall; {env['gpu']}; torch {env['torch']}; {env['date']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tinyllama-1.1b")
@@ -63,8 +77,6 @@ def main() -> None:
     rows.sort(key=lambda r: -r[2])
     total_us = sum(r[2] for r in rows)
     total_launches = sum(r[1] for r in rows)
-    print(format_table(["kernel", "launches/step", "us/step", "share"],
-                       [[name[:80], f"{n:.0f}", f"{us:.1f}", f"{us / total_us:.0%}"] for name, n, us in rows[:25]]))
     wall = {}
     for n in (1, args.steps + 1):
         torch.cuda.synchronize()
@@ -73,14 +85,13 @@ def main() -> None:
         torch.cuda.synchronize()
         wall[n] = time.perf_counter() - start
     wall_us = (wall[args.steps + 1] - wall[1]) / args.steps * 1e6
-    mode = "graph" if args.graphs else "eager"
-    print(f"\n{args.model} {args.weights or 'bf16'} ({args.cache}, {mode}): {total_launches:.0f} kernels, "
-          f"{total_us:.0f} us of kernel time per decode step, {wall_us:.0f} us wall")
-    env = environment()
     label = f"step_profile-{args.model}-{args.weights or 'bf16'}" + ("-graph" if args.graphs else "")
-    payload = {"rows": rows, "kernels_per_step": total_launches, "kernel_us_per_step": total_us,
-               "wall_us_per_step": wall_us, "graphs": args.graphs, "environment": env}
-    print(f"wrote {write_result(label, payload)}")
+    payload = {"model": args.model, "weights": args.weights or "bf16", "cache": args.cache, "rows": rows,
+               "kernels_per_step": total_launches, "kernel_us_per_step": total_us, "wall_us_per_step": wall_us,
+               "graphs": args.graphs, "environment": environment()}
+    text = report(payload)
+    print(text)
+    print(f"wrote {write_result(label, payload, text)}")
 
 
 if __name__ == "__main__":

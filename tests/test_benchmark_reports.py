@@ -1,0 +1,80 @@
+"""Every benchmark script renders its report from its stored JSON alone (the `.txt` beside each
+result is that report, written in the same run), so the stored results and the scripts' report
+functions must keep agreeing: each row of every stored result appears in its rendered report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+# script: glob of its stored results
+SCRIPTS = {
+    "codecs": "codecs-*.json",
+    "decode": "decode-*.json",
+    "gemv": "gemv-*.json",
+    "offload": "offload-*.json",
+    "dfloat11_model": "dfloat11_model-*.json",
+    "decode_profile": "decode_profile-*.json",
+    "step_profile": "step_profile-*.json",
+}
+
+
+def script(name: str):
+    """benchmarks/NAME.py as a module (by path: `codecs` would be the standard library's)."""
+    if name == "gemv":
+        pytest.importorskip("triton")
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their `common`
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def render(name: str, payload: dict) -> str:
+    module = script(name)
+    if name == "gemv":
+        return module.report(payload["rows"], payload["grouped"], payload["environment"])
+    return module.report(payload)
+
+
+def row_labels(name: str, payload: dict) -> list[str]:
+    rows = payload["rows"]
+    if isinstance(rows, dict):
+        return list(rows)
+    if name == "codecs":
+        return [r["codec"] for r in rows]
+    if name == "step_profile":
+        return [r[0][:80] for r in rows[:25]]
+    if name == "decode_profile":
+        return ["x".join(map(str, r["shape"])) for r in rows]
+    if name == "gemv":
+        return [f"{r['n']}x{r['k']}" for r in rows] + [r["group"] for r in payload["grouped"]]
+    raise AssertionError(f"no row labels known for {name}'s results")
+
+
+CASES = [(name, path) for name, pattern in SCRIPTS.items() for path in sorted(RESULTS.glob(pattern))]
+
+
+def test_there_are_stored_results_for_every_script():
+    assert {name for name, _ in CASES} == set(SCRIPTS)
+
+
+@pytest.mark.parametrize(("name", "path"), CASES, ids=[path.stem for _, path in CASES])
+def test_each_stored_result_renders_with_its_rows(name, path):
+    payload = json.loads(path.read_text())
+    text = render(name, payload)
+    labels = row_labels(name, payload)
+    assert labels and text.startswith("|"), text[:200]
+    missing = [label for label in labels if label not in text]
+    assert not missing, f"{path.name}: rows not in the report: {missing}"
+    date = payload.get("environment", {}).get("date")
+    assert date is None or date in text
