@@ -95,10 +95,19 @@ def free_gpu_memory() -> None:
     torch.cuda.empty_cache()
 
 
+def check_prompts(prompts) -> None:
+    """A batch of prompts is a list of token-id lists. A bare prompt would pass for a batch of
+    one-token prompts: tok/s multiplied by its length (offload.py's 128x, fixed)."""
+    if not prompts or not all(isinstance(p, list) for p in prompts):
+        raise TypeError("takes a list of prompts, each a list of token ids")
+
+
 def ours(model_name, prompts, new, weights=None, cache="auto", cuda_graphs=None, gemv="auto", storage="gpu",
          reuse=None):
     """One row: load (and encode) the model, or take `reuse` (a model of an earlier row with the
-    same weights) and switch its cache policy: the 8B shape's huffman encode takes minutes."""
+    same weights) and switch its cache policy: the 8B shape's huffman encode takes minutes.
+    `prompts`: a list of prompts (token-id lists), one a sequence of the batch."""
+    check_prompts(prompts)
     if reuse is not None:  # first, so that the copies the last policy kept are freed below
         reuse.set_cache(cache)
         reuse.cuda_graphs = cuda_graphs
@@ -142,6 +151,7 @@ def hf_model_from(model):
 
 def hf_generator(hf, prompts):
     """generate(n): exactly n greedy tokens from transformers' `generate` after each prompt."""
+    check_prompts(prompts)
     ids = torch.tensor(prompts, device="cuda")
 
     def generate(n):

@@ -125,7 +125,7 @@ def decodes_bit_identical(model, blocks) -> bool:
 
 
 def hf_generate(hf, prompt, new) -> dict:
-    generate = hf_generator(hf, prompt)
+    generate = hf_generator(hf, [prompt])
 
     torch.cuda.reset_peak_memory_stats()
     speed = decode_speed(generate, new)
@@ -199,7 +199,7 @@ def main() -> None:
     runs = (("codecllm bf16 CUDA graph (cuBLAS)", None, "auto", "cublas"),
             ("codecllm huffman auto 0% kept, CUDA graph", "huffman", "auto:0", "auto"))
     for label, weights_kind, cache, gemv in runs:
-        model, r = ours(args.model, prompt, args.new, weights=weights_kind, cache=cache, cuda_graphs=True, gemv=gemv)
+        model, r = ours(args.model, [prompt], args.new, weights=weights_kind, cache=cache, cuda_graphs=True, gemv=gemv)
         record(label, r)
         del model
 

@@ -39,7 +39,7 @@ def accelerate_offload(model, prompt, new):
         return {"error": f"accelerate is not installed ({exc})"}
     hf = hf_model_from(model).to("cpu")
     cpu_offload(hf, execution_device=torch.device("cuda"))
-    speed = decode_speed(hf_generator(hf, prompt), new, runs=1)
+    speed = decode_speed(hf_generator(hf, [prompt]), new, runs=1)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.module.parameters())
     return {"tok_s": speed, "h2d_gbps_achieved": weight_bytes * speed / 1e9}
 
@@ -74,7 +74,7 @@ def main() -> None:
     # Eager: a host-side streamer copies ahead on its own stream. CUDA graph: the captured step
     # copies each weight, and auto's side stream copies + decodes the next while one computes.
     for label, graphs in (("eager, streamed ahead", False), ("CUDA graph", True)):
-        model, r = ours(args.model, prompt, args.new, weights=args.codec, cache="auto:0", storage="cpu",
+        model, r = ours(args.model, [prompt], args.new, weights=args.codec, cache="auto:0", storage="cpu",
                         cuda_graphs=graphs)
         per_token = r["stats"]["bytes_transferred"] / max(r["stats"]["forward_passes"], 1)
         r.update(bytes_per_token=per_token, h2d_gbps_achieved=per_token * r["tok_s"] / 1e9)
@@ -82,7 +82,7 @@ def main() -> None:
         rows[f"codecllm {args.codec} in host RAM (auto:0), {label}"] = r
         del model
     if "accelerate" not in args.skip.split(","):
-        reference, _ = ours(args.model, prompt, 1, cuda_graphs=False, gemv="cublas")
+        reference, _ = ours(args.model, [prompt], 1, cuda_graphs=False, gemv="cublas")
         r = accelerate_offload(reference, prompt, args.new)
         del reference
         if "h2d_gbps_achieved" in r:

@@ -2,7 +2,9 @@
 and microseconds per step (torch.profiler). Eager steps by default; --graphs profiles replays of
 the captured decode step (the path `codecllm bench` times), whose kernels differ (static KV
 slot, Triton GEMVs). Kernel time excludes the gaps between kernels; wall time per step is
-printed beside it.
+printed beside it. With programmatic dependent launch (sm_90 and later, on by default) a kernel
+starts while the one before runs and its span includes that wait, so spans overlap and their sum
+can exceed the wall time: CODECLLM_PDL=0 profiles plain launches, one kernel after another.
 
     python benchmarks/step_profile.py --model tinyllama-1.1b [--weights nibble --cache fused] [--graphs]
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, write_result
+from decode import decode_speed
+
+from codecllm.codecs.kernels import pdl
 
 import codecllm
 from codecllm.report import format_table
@@ -31,6 +35,8 @@ def report(payload: dict) -> str:
     table = format_table(["kernel", "launches/step", "us/step", "share"],
                          [[name[:80], f"{n:.0f}", f"{us:.1f}", f"{us / total_us:.0%}"] for name, n, us in rows[:25]])
     mode = "graph" if payload["graphs"] else "eager"
+    if payload.get("pdl"):
+        mode += ", PDL: kernel spans overlap"
     env = payload["environment"]
     # model, weights and cache: recorded since 2026-11-23 (earlier runs: in the file name only)
     setting = " ".join(str(payload.get(key, "?")) for key in ("model", "weights"))
@@ -50,6 +56,10 @@ def main() -> None:
     model = codecllm.load(args.model, device="cuda", weights=args.weights, cache=args.cache,
                           cuda_graphs=args.graphs)
     prompt = list(range(1, 129))
+    # wall time of a step as decode.py measures it, (time(N) - time(1)) / (N - 1), over 64 steps (a
+    # few leave it to the noise of the calls' fixed costs; 128 + 65 tokens stay in the first
+    # 256-token graph bucket, as the profiled steps do), before any profiling
+    wall_us = 1e6 / decode_speed(lambda n: model.generate(prompt, n), 65)
     model.generate(prompt, args.steps + 1)  # warm-up
     model.generate(prompt, 1)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -77,18 +87,10 @@ def main() -> None:
     rows.sort(key=lambda r: -r[2])
     total_us = sum(r[2] for r in rows)
     total_launches = sum(r[1] for r in rows)
-    wall = {}
-    for n in (1, args.steps + 1):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(prompt, n)
-        torch.cuda.synchronize()
-        wall[n] = time.perf_counter() - start
-    wall_us = (wall[args.steps + 1] - wall[1]) / args.steps * 1e6
     label = f"step_profile-{args.model}-{args.weights or 'bf16'}" + ("-graph" if args.graphs else "")
     payload = {"model": args.model, "weights": args.weights or "bf16", "cache": args.cache, "rows": rows,
                "kernels_per_step": total_launches, "kernel_us_per_step": total_us, "wall_us_per_step": wall_us,
-               "graphs": args.graphs, "environment": environment()}
+               "graphs": args.graphs, "pdl": pdl.enabled(torch.device("cuda")), "environment": environment()}
     text = report(payload)
     print(text)
     print(f"wrote {write_result(label, payload, text)}")

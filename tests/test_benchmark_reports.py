@@ -78,3 +78,13 @@ def test_each_stored_result_renders_with_its_rows(name, path):
     assert not missing, f"{path.name}: rows not in the report: {missing}"
     date = payload.get("environment", {}).get("date")
     assert date is None or date in text
+
+
+def test_a_bare_prompt_is_refused_where_a_list_of_prompts_is_expected():
+    # decode.ours() once took offload.py's single prompt for a batch of 128 one-token prompts and
+    # multiplied its tok/s by 128
+    decode = script("decode")
+    with pytest.raises(TypeError, match="list of prompts"):
+        decode.ours("tiny", [1, 2, 3], 8)
+    with pytest.raises(TypeError, match="list of prompts"):
+        decode.hf_generator(None, [1, 2, 3])
