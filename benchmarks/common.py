@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from codecllm.report import environment
+from codecllm.report import environment as environment  # re-exported: the scripts take it from here
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -84,15 +84,15 @@ def cpu_time_s(fn: Callable[[], Any], repeat: int = 1) -> float:
     return statistics.median(times)
 
 
-def write_result(name: str, payload: dict[str, Any], report: str | None = None) -> Path:
+def write_result(name: str, payload: dict[str, Any], report: str) -> Path:
     """benchmarks/results/NAME-GPU.json, and NAME-GPU.txt with `report` (the tables the script
-    printed) under the command line that made it, so the two always come from one run."""
+    printed, rendered from this payload) under the command line that made it, so the two always
+    come from one run. The payload holds its `environment()`, which the reports print too."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    env = payload.setdefault("environment", environment())
+    env = payload["environment"]
     tag = (env.get("gpu") or "cpu").replace(" ", "-").replace("/", "-")
     path = RESULTS / f"{name}-{tag}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
-    if report is not None:
-        command = " ".join(["python", *sys.argv])
-        path.with_suffix(".txt").write_text(f"{command}   ({env.get('date')})\n\n{report}\n")
+    command = " ".join(["python", *sys.argv])
+    path.with_suffix(".txt").write_text(f"{command}   ({env.get('date')})\n\n{report}\n")
     return path

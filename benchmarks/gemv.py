@@ -124,8 +124,10 @@ def bench_group(name: str, shapes: list[tuple[int, int]], made, batch: int) -> d
             "nibble_vs_best_bf16": min(times["cublas"], times["triton_bf16"]) / times["nibble"]}
 
 
-def report(rows: list[dict], grouped: list[dict], env: dict) -> str:
-    """The single-matrix table, the grouped-launch table and the environment line."""
+def report(payload: dict) -> str:
+    """The single-matrix table, the grouped-launch table and the environment line, from the
+    payload alone."""
+    rows, grouped, env = payload["rows"], payload["grouped"], payload["environment"]
     single = format_table(
         ["model", "N x K", "batch", "cuBLAS bf16", "Triton bf16", "nibble fused", "nibble vs best bf16",
          "nibble GB/s", "err cuBLAS", "err nibble"],
@@ -186,10 +188,10 @@ def main() -> None:
                 r["model"] = model
                 grouped.append(r)
             del made
-    env = environment()
-    text = report(rows, grouped, env)
+    payload = {"rows": rows, "grouped": grouped, "environment": environment()}
+    text = report(payload)
     print(text)
-    print(f"wrote {write_result('gemv', {'rows': rows, 'grouped': grouped, 'environment': env}, text)}")
+    print(f"wrote {write_result('gemv', payload, text)}")
 
 
 if __name__ == "__main__":

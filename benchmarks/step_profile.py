@@ -35,12 +35,10 @@ def report(payload: dict) -> str:
     table = format_table(["kernel", "launches/step", "us/step", "share"],
                          [[name[:80], f"{n:.0f}", f"{us:.1f}", f"{us / total_us:.0%}"] for name, n, us in rows[:25]])
     mode = "graph" if payload["graphs"] else "eager"
-    if payload.get("pdl"):
+    if payload["pdl"]:
         mode += ", PDL: kernel spans overlap"
     env = payload["environment"]
-    # model, weights and cache: recorded since 2026-11-23 (earlier runs: in the file name only)
-    setting = " ".join(str(payload.get(key, "?")) for key in ("model", "weights"))
-    return (f"{table}\n\n{setting} ({payload.get('cache', '?')}, {mode}): "
+    return (f"{table}\n\n{payload['model']} {payload['weights']} ({payload['cache']}, {mode}): "
             f"{payload['kernels_per_step']:.0f} kernels, {total_us:.0f} us of kernel time per decode step, "
             f"{payload['wall_us_per_step']:.0f} us wall; {env['gpu']}; torch {env['torch']}; {env['date']}")
 

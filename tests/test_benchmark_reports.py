@@ -39,13 +39,6 @@ def script(name: str):
     return module
 
 
-def render(name: str, payload: dict) -> str:
-    module = script(name)
-    if name == "gemv":
-        return module.report(payload["rows"], payload["grouped"], payload["environment"])
-    return module.report(payload)
-
-
 def row_labels(name: str, payload: dict) -> list[str]:
     rows = payload["rows"]
     if isinstance(rows, dict):
@@ -71,7 +64,7 @@ def test_there_are_stored_results_for_every_script():
 @pytest.mark.parametrize(("name", "path"), CASES, ids=[path.stem for _, path in CASES])
 def test_each_stored_result_renders_with_its_rows(name, path):
     payload = json.loads(path.read_text())
-    text = render(name, payload)
+    text = script(name).report(payload)
     labels = row_labels(name, payload)
     assert labels and text.startswith("|"), text[:200]
     missing = [label for label in labels if label not in text]
