@@ -156,7 +156,7 @@ def test_gemv_group_is_the_separate_gemvs_side_by_side(nibble, batch, config):
 
 
 @pytest.mark.parametrize("nibble", [False, True])
-@pytest.mark.parametrize("config", [None, SPLIT_K, CUDA_CORES])
+@pytest.mark.parametrize("config", [None, SPLIT_K, CUDA_CORES, PREFETCH])
 def test_gated_gemv_is_silu_of_gate_times_up(nibble, config):
     """gate/up in one launch with SiLU(gate) * up applied to the rounded bf16 outputs, as the
     eager ops do; SiLU's exp may differ by one bf16 step."""

@@ -150,7 +150,9 @@ def test_fused_step_ops_match_eager_on_the_gpu():
 def test_grouped_and_gated_gemvs_on_the_gpu():
     """q/k/v in one launch runs each matrix's rows through the loop a launch of that matrix alone
     takes with the same config, so it gives that launch's bits; gate/up with SiLU in one launch
-    gives F.silu(gate) * up of those bf16 outputs within one bf16 step. Each alone with its own
+    gives F.silu(gate) * up of those bf16 outputs within one bf16 step; at batch 1 on CUDA cores,
+    at batches 4 and 8 on tensor cores (gate/up then run through _nibble_gated_dot, whose loops must
+    sum as a launch of one matrix does). Each alone with its own
     default config may sum in another order (the nibble kernel at batch 1 gives 256 rows 4 warps
     and BK 2048, 2560 rows 2 warps and BK 1024), and a bf16 output then moves by one step now and
     then: compared that way, on an unseeded x, this test failed once in ten GPU-suite runs."""
@@ -168,18 +170,19 @@ def test_grouped_and_gated_gemvs_on_the_gpu():
         weights = [NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in mats] if nibble else mats
         pair = [gaussian_weights(5632 * 2048, seed=s).view(5632, 2048).cuda() for s in (1, 2)]
         pair = [NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in pair] if nibble else pair
-        qkv_config = _config(2048 + 256 + 256, 2048, 1, nibble)  # what the grouped launches take
-        gated_config = _config(2 * 5632, 2048, 1, nibble, gated=True)
-        for _ in range(16):  # 16 inputs: a differing order would show on about one x in ten
-            x = torch.randn(1, 2048, device="cuda", generator=g).bfloat16()
-            together = gemv_group(x, weights)
-            assert torch.equal(bits(together), bits(torch.cat([one(x, w, qkv_config) for w in weights], -1)))
-            ref = torch.cat([x.double() @ w.double().T for w in mats], -1)
-            assert ((together.double() - ref).norm() / ref.norm()).item() < 4e-3
-            gated = gemv_group(x, pair, gated=True)
-            gate, up = (one(x, w, gated_config) for w in pair)
-            apart = (bits(gated).int() - bits(F.silu(gate) * up).int()).abs()
-            assert apart.max() <= 1 and (apart == 0).float().mean() > 0.99
+        for batch in (1, 1, 4, 8, 8):  # CUDA cores, then tensor cores (gate/up: _nibble_gated_dot)
+            qkv_config = _config(2048 + 256 + 256, 2048, batch, nibble)  # what the grouped launches take
+            gated_config = _config(2 * 5632, 2048, batch, nibble, gated=True)
+            for _ in range(4):  # 20 inputs: a differing order would show on about one x in ten
+                x = torch.randn(batch, 2048, device="cuda", generator=g).bfloat16()
+                together = gemv_group(x, weights)
+                assert torch.equal(bits(together), bits(torch.cat([one(x, w, qkv_config) for w in weights], -1)))
+                ref = torch.cat([x.double() @ w.double().T for w in mats], -1)
+                assert ((together.double() - ref).norm() / ref.norm()).item() < 4e-3
+                gated = gemv_group(x, pair, gated=True)
+                gate, up = (one(x, w, gated_config) for w in pair)
+                apart = (bits(gated).int() - bits(F.silu(gate) * up).int()).abs()
+                assert apart.max() <= 1 and (apart == 0).float().mean() > 0.99
 
 
 def test_ptx_decode_gives_the_bits_of_the_integer_decode(monkeypatch):
