@@ -56,6 +56,21 @@ PTX_DECODE = True
 
 
 @triton.jit
+def _wait_for_x(PDL: tl.constexpr, LATE: tl.constexpr):
+    """PDL: wait for the kernel that wrote x, then let the next kernel launch, unless LATE (the
+    launch then lets it go in _emit, after its loops)."""
+    wait_for_inputs(PDL)
+    if not LATE:
+        launch_next(PDL)
+
+
+@triton.jit
+def _base2(base):
+    """A matrix's exponent window base in both bf16 halves of a word, as _bf16_pairs adds it."""
+    return (base << 7) | (base << 23)
+
+
+@triton.jit
 def _bf16_at(words, J: tl.constexpr):
     """fp32 value of bf16 number J (0..3) of each 64-bit word."""
     return ((words >> (16 * J)).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
@@ -110,7 +125,7 @@ def _nibble_rows(
     batch_ok = batch < B
     word_ptr = sign_mantissa.to(tl.pointer_type(tl.int32))
     code_ptr = codes.to(tl.pointer_type(tl.uint16))
-    base2 = (base << 7) | (base << 23)
+    base2 = _base2(base)
     # Tiles are (rows, BW/2, 2) words, and x is read as 64-bit words (4 bf16, the inputs of one
     # weight word): Triton then gives the weight words, their codes and the x words the same
     # layout (2 consecutive elements per thread) and needs no shared-memory shuffle between them,
@@ -305,6 +320,22 @@ def _dot_geometry(pid, words_per_row, stride_xw, warp_words, B: tl.constexpr, BL
 
 
 @triton.jit
+def _first_turn(word_ptr, code_ptr, x_ptr, row_words, x_words, rows, N, start, word, end, x_start, x_word, batch_ok,
+                EVEN: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr, LATE: tl.constexpr):
+    """The loads of _dot_turns' first turn (two MMA steps). WAIT: the weights, which no kernel
+    writes, are issued before the wait for the kernel before (PDL), so they arrive while it ends;
+    x after it."""
+    ROW_WORDS: tl.constexpr = 16
+    a0, a1 = _weight_loads(word_ptr, code_ptr, row_words, 0, rows, N, start, word, end, EVEN)
+    b0, b1 = _weight_loads(word_ptr, code_ptr, row_words, ROW_WORDS, rows, N, start, word, end, EVEN)
+    if WAIT:
+        _wait_for_x(PDL, LATE)
+    a2, a3 = _x_loads(x_ptr, x_words, 0, end, x_start, x_word, batch_ok, EVEN)
+    b2, b3 = _x_loads(x_ptr, x_words, ROW_WORDS, end, x_start, x_word, batch_ok, EVEN)
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@triton.jit
 def _dot_turns(acc, a0, a1, a2, a3, b0, b1, b2, b3, word_ptr, code_ptr, x_ptr, row_words, x_words, rows, N, start,
                word, end, x_start, x_word, batch_ok, warp_words, base2, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                EVEN: tl.constexpr, DOT_FP32: tl.constexpr, WARPS: tl.constexpr, PTX: tl.constexpr):
@@ -378,7 +409,7 @@ def _nibble_rows_dot(
     word_ptr = sign_mantissa.to(tl.pointer_type(tl.int32))
     code_ptr = codes.to(tl.pointer_type(tl.uint16))
     x_ptr = x.to(tl.pointer_type(tl.uint64))
-    base2 = (base << 7) | (base << 23)
+    base2 = _base2(base)
     # The tile's escapes: issued before the loop, used after it (read after it, ~10 per tile of
     # 16 x 4096 one by one, they were a chain of dependent loads as long as the loop). Triton loads
     # them in two layouts; LLVM moves the one-hot matrices' copy past the loop (it has no stores),
@@ -386,24 +417,14 @@ def _nibble_rows_dot(
     tile_escapes, extra, first_extra, last_extra = _tile_escapes(escapes, slots, pid, N, SLOTS)
     acc = tl.zeros((WARPS, B_PAD, BLOCK_N), dtype=tl.float32)
     if STEPS == 2:
-        # WAIT (PDL): the first turn's weights, which no kernel writes, are loaded before the wait
-        # for the kernel before, so they arrive while it ends; x after it
-        a0, a1 = _weight_loads(word_ptr, code_ptr, row_words, 0, rows, N, start, word, end, EVEN)
-        b0, b1 = _weight_loads(word_ptr, code_ptr, row_words, ROW_WORDS, rows, N, start, word, end, EVEN)
-        if WAIT:
-            wait_for_inputs(PDL)
-            if not LATE:
-                launch_next(PDL)
-        a2, a3 = _x_loads(x_ptr, x_words, 0, end, x_start, x_word, batch_ok, EVEN)
-        b2, b3 = _x_loads(x_ptr, x_words, ROW_WORDS, end, x_start, x_word, batch_ok, EVEN)
+        a0, a1, a2, a3, b0, b1, b2, b3 = _first_turn(word_ptr, code_ptr, x_ptr, row_words, x_words, rows, N, start,
+                                                     word, end, x_start, x_word, batch_ok, EVEN, PDL, WAIT, LATE)
         acc = _dot_turns(acc, a0, a1, a2, a3, b0, b1, b2, b3, word_ptr, code_ptr, x_ptr, row_words, x_words, rows, N,
                          start, word, end, x_start, x_word, batch_ok, warp_words, base2, B_PAD, BLOCK_N, EVEN,
                          DOT_FP32, WARPS, PTX)
     else:
         if WAIT:
-            wait_for_inputs(PDL)
-            if not LATE:
-                launch_next(PDL)
+            _wait_for_x(PDL, LATE)
         for w0 in range(0, warp_words, ROW_WORDS * STEPS):
             for step in tl.static_range(STEPS):
                 a0, a1, a2, a3 = _step_loads(word_ptr, code_ptr, x_ptr, row_words, x_words, w0 + step * ROW_WORDS,
@@ -434,14 +455,11 @@ def _nibble_gated_dot(
     x_ptr = x.to(tl.pointer_type(tl.uint64))
     gate_escapes, gate_extra, gate_first, gate_last = _tile_escapes(et0, es0, pid, N, SLOTS)
     up_escapes, up_extra, up_first, up_last = _tile_escapes(et1, es1, pid, N, SLOTS)
-    a0, a1 = _weight_loads(gate_words, gate_codes, row_words, 0, rows, N, start, word, end, EVEN)
-    b0, b1 = _weight_loads(gate_words, gate_codes, row_words, ROW_WORDS, rows, N, start, word, end, EVEN)
-    wait_for_inputs(PDL)
-    a2, a3 = _x_loads(x_ptr, x_words, 0, end, x_start, x_word, batch_ok, EVEN)
-    b2, b3 = _x_loads(x_ptr, x_words, ROW_WORDS, end, x_start, x_word, batch_ok, EVEN)
+    a0, a1, a2, a3, b0, b1, b2, b3 = _first_turn(gate_words, gate_codes, x_ptr, row_words, x_words, rows, N, start,
+                                                 word, end, x_start, x_word, batch_ok, EVEN, PDL, True, True)
     gate = _dot_turns(tl.zeros((WARPS, B_PAD, BLOCK_N), dtype=tl.float32), a0, a1, a2, a3, b0, b1, b2, b3,
                       gate_words, gate_codes, x_ptr, row_words, x_words, rows, N, start, word, end, x_start, x_word,
-                      batch_ok, warp_words, (base0 << 7) | (base0 << 23), B_PAD, BLOCK_N, EVEN, DOT_FP32, WARPS, PTX)
+                      batch_ok, warp_words, _base2(base0), B_PAD, BLOCK_N, EVEN, DOT_FP32, WARPS, PTX)
     a0, a1, a2, a3 = _step_loads(up_words, up_codes, x_ptr, row_words, x_words, 0, rows, N, start, word, end,
                                  x_start, x_word, batch_ok, EVEN)
     b0, b1, b2, b3 = _step_loads(up_words, up_codes, x_ptr, row_words, x_words, ROW_WORDS, rows, N, start, word, end,
@@ -450,7 +468,7 @@ def _nibble_gated_dot(
                         SLOTS, DOT_FP32)
     up = _dot_turns(tl.zeros((WARPS, B_PAD, BLOCK_N), dtype=tl.float32), a0, a1, a2, a3, b0, b1, b2, b3,
                     up_words, up_codes, x_ptr, row_words, x_words, rows, N, start, word, end, x_start, x_word,
-                    batch_ok, warp_words, (base1 << 7) | (base1 << 23), B_PAD, BLOCK_N, EVEN, DOT_FP32, WARPS, PTX)
+                    batch_ok, warp_words, _base2(base1), B_PAD, BLOCK_N, EVEN, DOT_FP32, WARPS, PTX)
     up = _dot_escapes(up, x, up_escapes, up_extra, up_first, up_last, span, stride_xb, B, B_PAD, BLOCK_N,
                       SLOTS, DOT_FP32)
     return gate, up
@@ -592,9 +610,7 @@ def _nibble_kernel(
         # (p1, p2 = the grid size where a segment is absent).
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
         if not EARLY:
-            wait_for_inputs(PDL)
-            if not LATE:
-                launch_next(PDL)
+            _wait_for_x(PDL, LATE)
         if seg == 0:
             acc = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
                                 stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
@@ -680,9 +696,7 @@ def _plain_kernel(
               LATE)
     else:
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
-        wait_for_inputs(PDL)
-        if not LATE:
-            launch_next(PDL)
+        _wait_for_x(PDL, LATE)
         if seg == 0:
             acc = _plain_rows(x, w0, pid, n0, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
             _emit(out, partials, counters, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT,
