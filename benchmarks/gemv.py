@@ -161,8 +161,8 @@ def main() -> None:
             for batch in batches:
                 configs, kernels = None, ("nibble", "triton_bf16")
                 if batch == 1 and args.sweep:
-                    configs = dict.fromkeys(kernels, list(itertools.product((1, 2), (1024, 2048), (1, 2, 4), (1,),
-                                                                            (False,))))
+                    configs = dict.fromkeys(kernels, list(itertools.product((1, 2, 4), (1024, 2048), (1, 2, 4, 8),
+                                                                            (1,), (False,))))
                 elif batch in (4, 8) and args.sweep_batch and (n, k) in SWEEP_BATCH_SHAPES:
                     # nibble: 16-row tiles, BK 128 = loads a loop turn ahead; stages 1 (registers only)
                     configs = {"nibble": list(itertools.product((16,), (64, 128, 256), (4, 8), (1, 2, 4), (True,),

@@ -9,10 +9,10 @@ Each program owns BLOCK_N rows and walks K in BK-wide tiles, keeping one fp32 pa
 row and column slot, reduced once at the end: a reduction per tile would cost a cross-warp
 exchange and a barrier every iteration. Batches of 2-8 run on tensor cores: the plain kernel
 through `tl.dot`, the nibble kernel decoding straight into the MMA's operand registers
-(`_nibble_rows_dot`: no shared memory in its loop, loads a loop turn ahead, the first turn's
-weights loaded before the wait for the kernel that writes x); small matrices at
+(`_nibble_rows_dot`: no shared memory in its loop, loads a loop turn ahead); small matrices at
 batches 2-4 stay on CUDA cores, a few rows a program, each weight read once for the batch
-(latency-bound there, they fill the GPU with programs sooner). On tensor cores a
+(latency-bound there, they fill the GPU with programs sooner). Both nibble loops load their
+first turn's weights before they wait for the kernel that writes x (PDL). On tensor cores a
 program holds at least 16 rows, so a matrix of few rows leaves SMs idle: there K is split in
 spans (a second grid axis), each span's fp32 sums go to a workspace, and the last span of a row
 block to finish adds them in split order (the same result on every run, unlike atomic adds).
@@ -104,14 +104,55 @@ def _entry_fields(packed):
 
 
 @triton.jit
+def _row_loads(word_ptr, code_ptr, row_words, w, row_ok, words_per_row, EVEN: tl.constexpr):
+    """One turn of _nibble_rows' weight loads at words `w` of each row: sign+mantissa words, codes."""
+    if EVEN:
+        packed = tl.load(word_ptr + row_words + w)
+        packed_codes = tl.load(code_ptr + row_words + w)
+    else:
+        ok = row_ok[:, None, None] & (w < words_per_row)
+        packed = tl.load(word_ptr + row_words + w, mask=ok, other=0)
+        packed_codes = tl.load(code_ptr + row_words + w, mask=ok, other=0)
+    return packed, packed_codes
+
+
+@triton.jit
+def _row_x(x_rows, w, batch_ok, words_per_row, EVEN: tl.constexpr):
+    """x for one turn of _nibble_rows: 64-bit words (4 bf16) at words `w` of each row of the batch."""
+    ok = batch_ok[:, None, None, None]
+    if not EVEN:
+        ok = ok & (w < words_per_row)[None]
+    return tl.load(x_rows + w[None], mask=ok, other=0)
+
+
+@triton.jit
+def _row_fmas(acc4, packed, packed_codes, xw, base2, PTX: tl.constexpr):
+    """acc4 plus one turn of _nibble_rows: the words' weights as bf16 pairs (w0, w2), (w1, w3), each
+    half widened to fp32 by a shift or mask, times x."""
+    even, odd = _bf16_pairs(packed, packed_codes.to(tl.int32), base2, PTX)
+    acc4 += (even << 16).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 0)
+    acc4 += (odd << 16).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 1)
+    acc4 += (even & -65536).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 2)
+    acc4 += (odd & -65536).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 3)
+    return acc4
+
+
+@triton.jit
 def _nibble_rows(
     x, sign_mantissa, codes, escapes, slots, pid,
     N, words_per_row, base, stride_xw, stride_xb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
-    SLOTS: tl.constexpr, PTX: tl.constexpr,
+    SLOTS: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr, LATE: tl.constexpr,
 ):
     """fp32 (B_PAD, BLOCK_N): rows pid * BLOCK_N... of one nibble matrix times x. BLOCK_N divides
-    ESCAPE_TILE: a program's rows lie in one tile of the escape table."""
+    ESCAPE_TILE: a program's rows lie in one tile of the escape table.
+
+    WAIT: the program waits for the kernel before (PDL) here, after it has issued its first turn's
+    weight loads, as _nibble_rows_dot does: with PDL the next launch's programs are placed while
+    the last programs of this one run, and their first loads then fill that tail. On an H100 at
+    batch 1 (one process, timed alternately) tinyllama's four launches of a layer took 35.3 ->
+    34.1 us and the 8B's 120.9 -> 118.9. Loading every turn a turn ahead as well lost (35.6 /
+    120.5: more registers, fewer programs an SM)."""
     # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
     # divisibility (it specialises arguments divisible by 16), which is what lets it issue
     # 16-byte loads. EVEN: every tile is full (N % BLOCK_N == 0, K % BK == 0): no masks.
@@ -137,23 +178,14 @@ def _nibble_rows(
     # the tile's escapes: issued before the loop, used after it
     tile_escapes, extra, first_extra, last_extra = _tile_escapes(escapes, slots, pid * BLOCK_N // 16, N, SLOTS)
     acc4 = tl.zeros((B_PAD, BLOCK_N, BW // 2, 2), dtype=tl.float32)
-    for w0 in range(0, words_per_row, BW):
+    packed, packed_codes = _row_loads(word_ptr, code_ptr, row_words, in_tile, row_ok, words_per_row, EVEN)
+    if WAIT:
+        _wait_for_x(PDL, LATE)
+    acc4 = _row_fmas(acc4, packed, packed_codes, _row_x(x_rows, in_tile, batch_ok, words_per_row, EVEN), base2, PTX)
+    for w0 in range(BW, words_per_row, BW):
         w = w0 + in_tile
-        if EVEN:
-            packed = tl.load(word_ptr + row_words + w)
-            packed_codes = tl.load(code_ptr + row_words + w).to(tl.int32)
-            xw = tl.load(x_rows + w[None], mask=batch_ok[:, None, None, None], other=0)
-        else:
-            ok = row_ok[:, None, None] & (w < words_per_row)
-            packed = tl.load(word_ptr + row_words + w, mask=ok, other=0)
-            packed_codes = tl.load(code_ptr + row_words + w, mask=ok, other=0).to(tl.int32)
-            xw = tl.load(x_rows + w[None], mask=batch_ok[:, None, None, None] & (w < words_per_row)[None], other=0)
-        # the word's weights as bf16 pairs (w0, w2), (w1, w3), each half widened to fp32 by a shift or mask
-        even, odd = _bf16_pairs(packed, packed_codes, base2, PTX)
-        acc4 += (even << 16).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 0)
-        acc4 += (odd << 16).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 1)
-        acc4 += (even & -65536).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 2)
-        acc4 += (odd & -65536).to(tl.float32, bitcast=True)[None] * _bf16_at(xw, 3)
+        packed, packed_codes = _row_loads(word_ptr, code_ptr, row_words, w, row_ok, words_per_row, EVEN)
+        acc4 = _row_fmas(acc4, packed, packed_codes, _row_x(x_rows, w, batch_ok, words_per_row, EVEN), base2, PTX)
     acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # (B_PAD, BLOCK_N)
     acc = _escape_sums(acc, x, tile_escapes, rows, stride_xb, B, B_PAD)
     for e0 in range(first_extra, last_extra, SLOTS):  # rare: more escapes than slots
@@ -557,7 +589,7 @@ def _nibble_block(
                                PDL, EARLY, LATE)
     else:
         acc = _nibble_rows(x, sign_mantissa, codes, escapes, slots, pid, N, words_per_row, base, stride_xw,
-                           stride_xb, B, B_PAD, BLOCK_N, BK, EVEN, SLOTS, PTX)
+                           stride_xb, B, B_PAD, BLOCK_N, BK, EVEN, SLOTS, PTX, PDL, EARLY, LATE)
     return acc
 
 
@@ -588,18 +620,19 @@ def _nibble_kernel(
     # (the 8B's, not tinyllama's) ran faster so too: 8B at batch 8, 1.071x -> 1.103x of bf16,
     # timed in turn. At batch 1 (CUDA cores, thousands of programs) the 8B ran slower so (1.256x
     # -> 1.206x), and tinyllama's launches at batch 8 gained nothing (1.016x -> 1.006x).
-    # EARLY (tensor cores): the programs load their first turn of weights before they wait.
+    # EARLY: the programs load their first turn of weights before they wait.
     pid = tl.program_id(0)
     if GATED:
-        if EARLY:
+        if EARLY and USE_DOT:
             gate, up = _nibble_gated_dot(x, sm0, codes0, et0, es0, base0, sm1, codes1, et1, es1, base1, pid, n0,
                                          words_per_row, stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N,
                                          EVEN, DOT_FP32, WARPS, SLOTS, PTX, PDL)
         else:
-            wait_for_inputs(PDL)
+            if not EARLY:
+                wait_for_inputs(PDL)
             gate = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
                                  stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
-                                 SLOTS, PTX, PDL, False, True)
+                                 SLOTS, PTX, PDL, EARLY, True)
             up = _nibble_block(x, sm1, codes1, et1, es1, pid, n0, words_per_row, base1, stride_xw,
                                stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
                                SLOTS, PTX, PDL, False, True)
@@ -721,7 +754,19 @@ def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tu
     # program on CUDA cores, each weight read once for the batch, beat tensor-core tiles
     small = n * k <= 1 << 22
     if nibble:
-        if batch == 1 or (batch == 2 and small):
+        if batch == 1:
+            # one row and one warp a program where there are rows enough, 32 weights a thread a
+            # turn; 2 warps where 1-warp programs would keep too few loads in flight (fewer than
+            # 4096 long rows) and for gate/up (two loops a program): tinyllama down
+            # 10.3 -> 8.4 us, gate/up 15.6 -> 14.8, the 8B's gate/up 64.8 -> 62.3; tinyllama's
+            # lm_head 2 rows a turn (40.8 -> 36.0); few rows 8 warps (1024x4096 4.4 -> 3.8). H100,
+            # first turn loaded before the PDL wait; scratch sweeps of session 18
+            if n < 2048 and not gated:
+                return 1, 2048, 8, 1, False
+            if gated or (n < 4096 and k > 4096):
+                return 1, 2048, 2, 1, False
+            return (2, 2048, 1, 1, False) if n >= 16384 and k <= 2048 else (1, 1024, 1, 1, False)
+        if batch == 2 and small:
             block_n, bk, warps = (1, 2048, 4) if n < 2048 else (1, 1024, 2) if n < 4096 else (1, 1024, 1)
             return block_n, bk, warps, 1, False
         if small and batch <= 4 and n <= 512:
@@ -737,7 +782,18 @@ def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tu
         # escapes, would take it to 167: 3 an SM)
         return 16, 128, warps, 4 if programs < 100 else 1, True, 1, 128 if gated else None
     if batch == 1:
-        return (2, 2048, 8, 1, False) if k >= 2048 else (1, 1024, 4, 1, False)
+        # the step's launches and single matrices, timed under PDL against 9-24 other configs each
+        # (session 18): 2 rows and 2 warps mostly (tinyllama o 4.2 -> 3.3 us, down 11.2 -> 9.8, the
+        # 8B's o 14.8 -> 14.1, down 43.1 -> 40.6); gate/up 4 rows a program (tinyllama 20.1 -> 17.1,
+        # the 8B 82.2 -> 77.5); 2560 rows (tinyllama q/k/v) 2 rows and 4 warps (4.7; 5.6 with 2
+        # warps); few rows 8 warps
+        if k < 2048:
+            return 1, 1024, 4, 1, False
+        if n < 2048 and not gated:
+            return 1, 2048, 8, 1, False
+        if gated:
+            return 4, 2048, 4, 1, False
+        return (2, 1024, 4, 1, False) if 2048 < n < 4096 else (2, 2048, 2, 1, False)
     if small and batch == 2:
         return (2, 2048, 4, 1, False) if n <= 1024 else (4, 1024, 4, 1, False)
     if small and batch <= 4 and n <= 1024:
@@ -776,9 +832,9 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         flags["WARPS"] = warps
         flags["SLOTS"] = max(segment[3] for segment in segments)  # the widest of the tables
         flags["PTX"] = PTX_DECODE and not interpreting() and torch.version.hip is None  # NVIDIA PTX only
-        # tensor cores, two MMA steps a loop turn: the programs load their first turn of weights
-        # before they wait for x (_nibble_rows_dot)
-        flags["EARLY"] = use_dot and bk == 128
+        # the programs load their first turn of weights before they wait for x: on CUDA cores
+        # (_nibble_rows), and on tensor cores with two MMA steps a loop turn (_nibble_rows_dot)
+        flags["EARLY"] = not use_dot or bk == 128
     else:
         scalars = (k,)
     programs = [triton.cdiv(n, block_n) for n in rows]
