@@ -9,7 +9,9 @@ length; tok/s then counts the tokens of all B sequences).
 
 Decode speed is measured on the decode steps alone: time(generate N) - time(generate 1), over N - 1
 steps, median of 3 runs after a warm-up (a captured graph is reused, as a server would).
-roofline_fraction = steps/s x (weight bytes + KV bytes read per step) / measured copy bandwidth.
+roofline_fraction = steps/s x (weight bytes + KV bytes read per step) / measured copy bandwidth;
+the weight bytes a step reads leave out the embedding table (one row a sequence is read) unless
+lm_head shares it (`step_bytes`).
 nibble_vs_bf16_paired: the nibble graph against our bf16 Triton graph, both models loaded, timed in
 turn (--pairs rounds, the order flipped every round), one ratio a round: rows measured a minute
 apart differ by a few percent on their own (clocks, host), more than the two differ at batch 8.
@@ -42,6 +44,17 @@ def copy_bandwidth() -> float:
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     return 2 * a.numel() / (gpu_time_ms(lambda: b.copy_(a), warmup=2, repeat=10) / 1e3)
+
+
+def step_bytes(config, batch: int, held: int, prompt: int, new: int) -> float:
+    """Bytes one decode step reads: the weights (`held` bytes of them in all) less the embedding
+    table, of which a step reads one row a sequence (unless lm_head shares it, then all of it),
+    plus the KV cache at the middle of the generation. A compressed model's share of the table is
+    taken at its bytes' average rate."""
+    full = config.parameter_count() * 2
+    unread = 0 if config.tie_word_embeddings else (config.vocab_size - batch) * config.hidden_size * 2
+    kv_read = cache_bytes(config, batch, prompt + new // 2, torch.bfloat16)
+    return held * (1 - unread / full) + kv_read
 
 
 def timed(fn) -> float:
@@ -294,11 +307,11 @@ def main() -> None:
         record("codecllm huffman none, CUDA graph", r)
         del model
 
-    kv_read = cache_bytes(config, args.batch, args.prompt + args.new // 2, torch.bfloat16)
     weight_bytes = config.parameter_count() * 2
     for label, r in rows.items():
         if "tok_s" in r and "weights_held" in r:
-            bytes_per_step = (r["weights_held"] if "nibble" in label else weight_bytes) + kv_read
+            held = r["weights_held"] if "nibble" in label else weight_bytes
+            bytes_per_step = step_bytes(config, args.batch, held, args.prompt, args.new)
             r["roofline_fraction"] = r["tok_s"] / args.batch * bytes_per_step / bandwidth
             # Greedy tokens of random-weight models flip on near-ties when the summation order
             # changes (a graph attends over the padded cache bucket, our GEMVs tile differently),

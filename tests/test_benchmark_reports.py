@@ -81,3 +81,26 @@ def test_a_bare_prompt_is_refused_where_a_list_of_prompts_is_expected():
         decode.ours("tiny", [1, 2, 3], 8)
     with pytest.raises(TypeError, match="list of prompts"):
         decode.hf_generator(None, [1, 2, 3])
+
+
+def test_decode_roofline_counts_the_bytes_a_step_reads():
+    """A decode step reads every weight but the embedding table, of which it reads a row a
+    sequence (all of it where lm_head shares the table), plus the KV cache: a roofline over all
+    parameter bytes put the 8B's bf16 graph at 1.02 of the copy bandwidth."""
+    import dataclasses
+
+    import torch
+
+    from codecllm.kv import cache_bytes
+    from codecllm.models import ModelConfig
+
+    decode = script("decode")
+    config = ModelConfig.from_name("tinyllama-1.1b")
+    full = config.parameter_count() * 2
+    kv = cache_bytes(config, 2, 128 + 128, torch.bfloat16)
+    table = config.vocab_size * config.hidden_size * 2
+    assert decode.step_bytes(config, 2, full, 128, 256) == full - table + 2 * config.hidden_size * 2 + kv
+    tied = dataclasses.replace(config, tie_word_embeddings=True)
+    assert decode.step_bytes(tied, 2, tied.parameter_count() * 2, 128, 256) == tied.parameter_count() * 2 + kv
+    # a compressed model's table is taken at its bytes' average rate
+    assert decode.step_bytes(config, 2, full * 0.75, 128, 256) == pytest.approx((full - table + 4 * 2048) * 0.75 + kv)
