@@ -339,7 +339,8 @@ def main() -> None:
                "rows": rows, "nibble_vs_bf16_paired": paired, "prefill_tok_s": prefill, "environment": env}
     text = report(payload)
     print(f"\n{text}")
-    name = args.name or f"decode-{args.model}" + (f"-b{args.batch}" if args.batch > 1 else "")
+    name = args.name or (f"decode-{args.model}" + (f"-b{args.batch}" if args.batch > 1 else "")
+                         + (f"-p{args.prompt}" if args.prompt != 128 else ""))
     print(f"wrote {write_result(name, payload, text)}")
 
 

@@ -78,13 +78,20 @@ def test_rope_kv_write_is_rope_plus_the_cache_update():
     assert torch.equal(bits(ours.k), bits(ref.k)) and torch.equal(bits(ours.v), bits(ref.v))
 
 
-@pytest.mark.parametrize("hkv, group, d", [(2, 4, 64), (1, 3, 16)])
-def test_decode_attention_matches_sdpa_over_the_filled_slots(hkv, group, d):
+@pytest.mark.parametrize("hkv, group, d, splits", [(2, 4, 64, 1), (1, 3, 16, 1), (2, 4, 64, 2), (1, 3, 16, 4),
+                                                     (2, 4, 64, 8)])
+def test_decode_attention_matches_sdpa_over_the_filled_slots(hkv, group, d, splits, monkeypatch):
     """Our decode-step attention reads positions 0..slot only; SDPA reads the whole static cache
-    under the mask. Left padding (masked first positions) and grouped query heads included."""
+    under the mask. Left padding (masked first positions) and grouped query heads included. Split
+    in runs of whole 64-position blocks (131 positions: three blocks, the last of 3 positions):
+    2 splits take two blocks and one; 4 and 8 one block each, so sequence 1's first run is wholly
+    masked and one program (4) or five (8) have no run."""
     from codecllm.models import fused_kernels as fused
 
-    b, length, slot = 2, 160, 130  # slot past two 64-position blocks: three blocks, the last partial
+    monkeypatch.setattr(fused, "ATTENTION_BLOCK", 64)
+    monkeypatch.setattr(fused, "ATTENTION_MIN_RUN", 64)  # runs of a block (256 by default)
+    monkeypatch.setattr(fused, "ATTENTION_SPLIT_FROM", 64)  # (768)
+    b, length, slot = 2, 160, 130
     q = bf16(b, hkv * group, 1, d, seed=1)
     k, v = bf16(b, hkv, length, d, seed=2), bf16(b, hkv, length, d, seed=3)
     k[:, :, slot + 1:] = float("nan")  # never written: must not be read
@@ -92,9 +99,25 @@ def test_decode_attention_matches_sdpa_over_the_filled_slots(hkv, group, d):
     visible[1, ..., :70] = False  # sequence 1 is left-padded past the whole first block
     mask = torch.zeros(b, 1, 1, length, dtype=torch.bfloat16).masked_fill_(~visible, float("-inf"))
     assert fused.decode_attention_fits(q, k, mask)
-    got = fused.decode_attention(q, k, v, mask, torch.tensor([slot]))
+    got = fused.decode_attention(q, k, v, mask, torch.tensor([slot]), splits=splits)
     ref = F.scaled_dot_product_attention(q.float(), k[:, :, :slot + 1].float().repeat_interleave(group, 1),
                                          v[:, :, :slot + 1].float().repeat_interleave(group, 1),
                                          attn_mask=mask[..., :slot + 1].float())
     assert got.shape == q.shape and torch.isfinite(got.float()).all()
     assert ((got.float() - ref).norm() / ref.norm()).item() < 1e-2
+    counts = fused.arrival_counters(q.device, 1)
+    assert not counts.any()  # every launch leaves its arrival counts at zero for the next
+
+
+def test_decode_attention_splits_fill_the_gpu_within_the_cache():
+    from codecllm.models import fused_kernels as fused
+
+    cpu = torch.device("cpu")  # counted as an H100's 132 SMs
+    assert fused.attention_splits(4, 8192, cpu) == 16  # tinyllama at batch 1: at most 16
+    assert fused.attention_splits(32, 8192, cpu) == 4  # 32 programs want 5: the power of two below
+    assert fused.attention_splits(4, 768, cpu) == 2  # three runs of 256 positions fit
+    assert fused.attention_splits(4, 767, cpu) == 1  # never filled far enough to split
+    assert fused.attention_splits(256, 8192, cpu) == 1
+    with pytest.raises(ValueError, match="splits=3"):
+        fused.decode_attention(bf16(1, 2, 1, 16), bf16(1, 1, 8, 16), bf16(1, 1, 8, 16),
+                               torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16), torch.tensor([3]), splits=3)

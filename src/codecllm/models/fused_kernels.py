@@ -18,8 +18,9 @@ from codecllm.codecs.kernels.bf16 import bf16_round as _bf16_round
 from codecllm.codecs.kernels.bf16 import load_bf16 as _load_bf16
 from codecllm.codecs.kernels.bf16 import silu_times
 from codecllm.codecs.kernels.bf16 import store_bf16 as _store_bf16
+from codecllm.codecs.kernels.gemv import arrival_counters
 from codecllm.codecs.kernels.pdl import launch_next, launch_options, wait_for_inputs
-from codecllm.codecs.kernels_available import interpreting
+from codecllm.codecs.kernels_available import interpreting, sm_count
 
 
 @triton.jit
@@ -174,31 +175,16 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _decode_attention_kernel(q, k, v, mask, slot, out, L, mask_stride_b, scale, HKV: tl.constexpr,
-                             GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                             DOT_FP32: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
-    launch_next(PDL)
-    # One program per (sequence, KV head): its GROUP query heads against cache positions
-    # 0..slot only, in BLOCK-position steps with an online softmax. A fixed order and no atomics:
-    # the same inputs give the same bits on every run.
-    pid = tl.program_id(0)
-    b = pid // HKV
-    heads = tl.arange(0, G_PAD)
-    dims = tl.arange(0, D)
-    q_rows = pid * GROUP + heads  # q is (B, HKV * GROUP, 1, D)
-    head_ok = heads < GROUP
-    qt = tl.load(q + q_rows[:, None] * D + dims[None, :], mask=head_ok[:, None], other=0.0)
-    if DOT_FP32:
-        qt = qt.to(tl.float32)
-    n = tl.load(slot).to(tl.int32) + 1
-    cache = pid.to(tl.int64) * L * D
+def _attend(q, k, v, mask, b, cache, qt, heads, dims, begin, end, mask_stride_b, scale, G_PAD: tl.constexpr,
+            D: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Online softmax of the (G_PAD, D) queries `qt` over cache positions begin..end - 1:
+    (row max, row sum, unnormalised output)."""
     m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, D), tl.float32)
-    for start in range(0, n, BLOCK):
+    for start in range(begin, end, BLOCK):
         pos = start + tl.arange(0, BLOCK)
-        ok = pos < n
+        ok = pos < end
         kt = tl.load(k + cache + pos[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
         vt = tl.load(v + cache + pos[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
         if DOT_FP32:
@@ -217,7 +203,77 @@ def _decode_attention_kernel(q, k, v, mask, slot, out, L, mask_stride_b, scale, 
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m_i = m_new
-    _store_bf16(out + q_rows[:, None] * D + dims[None, :], acc / l_i[:, None], head_ok[:, None])
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_attention_kernel(q, k, v, mask, slot, out, part_acc, part_ml, arrivals, L, mask_stride_b, scale,
+                             HKV: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                             BLOCK: tl.constexpr, SPLITS: tl.constexpr, MIN_RUN: tl.constexpr,
+                             SPLIT_FROM: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
+    launch_next(PDL)
+    # Program (i, s), i = (sequence, KV head), attends its GROUP query heads to the s-th run of
+    # cache positions 0..slot. Under SPLIT_FROM positions there is one run; from there on runs
+    # are whole BLOCKs, as even as may be, at least MIN_RUN long, so fewer than SPLITS of them
+    # may be used (programs past them do nothing). With one run its program stores the output;
+    # with more, each stores its partial (max, sum, unnormalised output) and the last program of
+    # i to arrive merges them in run order. A fixed order and no float atomics: the same inputs
+    # give the same bits on every run.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n = tl.load(slot).to(tl.int32) + 1
+    run = tl.maximum(tl.cdiv(tl.cdiv(n, SPLITS), BLOCK) * BLOCK, MIN_RUN)
+    run = tl.where(n < SPLIT_FROM, n, run)
+    runs = tl.cdiv(n, run)
+    if split < runs:
+        b = pid // HKV
+        heads = tl.arange(0, G_PAD)
+        dims = tl.arange(0, D)
+        q_rows = pid * GROUP + heads  # q is (B, HKV * GROUP, 1, D)
+        head_ok = heads < GROUP
+        qt = tl.load(q + q_rows[:, None] * D + dims[None, :], mask=head_ok[:, None], other=0.0)
+        if DOT_FP32:
+            qt = qt.to(tl.float32)
+        begin = split * run
+        m_i, l_i, acc = _attend(q, k, v, mask, b, pid.to(tl.int64) * L * D, qt, heads, dims, begin,
+                                tl.minimum(begin + run, n), mask_stride_b, scale, G_PAD, D, BLOCK, DOT_FP32)
+        outs = out + q_rows[:, None] * D + dims[None, :]
+        if runs == 1:
+            _store_bf16(outs, acc / l_i[:, None], head_ok[:, None])
+        else:
+            part = pid * SPLITS + split
+            tl.store(part_acc + (part * G_PAD + heads[:, None]) * D + dims[None, :], acc)
+            tl.store(part_ml + 2 * part * G_PAD + heads, m_i)
+            tl.store(part_ml + (2 * part + 1) * G_PAD + heads, l_i)
+            # every thread's stores before one thread releases them at GPU scope with the count;
+            # the last to arrive acquires them all (loads from L2: .cg)
+            tl.debug_barrier()
+            if tl.atomic_add(arrivals + pid, 1, sem="acq_rel", scope="gpu") == runs - 1:
+                _merge(part_acc, part_ml, pid * SPLITS, runs, heads, dims, outs, head_ok, G_PAD, D, SPLITS)
+                tl.atomic_xchg(arrivals + pid, 0)  # zero again for the next launch
+
+
+@triton.jit
+def _merge(part_acc, part_ml, first, runs, heads, dims, outs, head_ok, G_PAD: tl.constexpr, D: tl.constexpr,
+           SPLITS: tl.constexpr):
+    """Store sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - max m), over the `runs` partials
+    from `first` on, in run order (loads past `runs` are masked off: no memory traffic)."""
+    live = tl.arange(0, SPLITS) < runs
+    ml = part_ml + 2 * (first + tl.arange(0, SPLITS))[:, None] * G_PAD + heads[None, :]
+    m_s = tl.load(ml, mask=live[:, None], other=float("-inf"), cache_modifier=".cg")  # (SPLITS, G_PAD)
+    m = tl.max(m_s, axis=0)  # finite: the newest position is always visible
+    total = tl.sum(tl.load(ml + G_PAD, mask=live[:, None], other=0.0, cache_modifier=".cg")
+                   * tl.exp(m_s - m[None, :]), axis=0)
+    merged = tl.zeros((G_PAD, D), tl.float32)
+    for s in tl.static_range(SPLITS):
+        on = heads * 0 + s < runs  # (G_PAD,): the interpreter takes no scalar mask
+        w = tl.exp(tl.load(part_ml + 2 * (first + s) * G_PAD + heads, mask=on, other=float("-inf"),
+                           cache_modifier=".cg") - m)
+        a = tl.load(part_acc + ((first + s) * G_PAD + heads[:, None]) * D + dims[None, :], mask=on[:, None],
+                    other=0.0, cache_modifier=".cg")
+        merged += a * w[:, None]
+    _store_bf16(outs, merged / total[:, None], head_ok[:, None])
 
 
 def decode_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -229,18 +285,49 @@ def decode_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, mask: torch.Te
             and mask.stride(-1) == 1 and q.shape[1] % k_cache.shape[1] == 0)
 
 
+ATTENTION_BLOCK = 128  # cache positions a loop turn
+# The merge of split runs costs about what 350 positions do (H100: ~3.5 us), so a cache is split
+# only from 768 filled positions on, in runs of at least 256.
+ATTENTION_SPLIT_FROM = 768
+ATTENTION_MIN_RUN = 256
+ATTENTION_STAGES = 3
+ATTENTION_WARPS = 4
+
+
+def attention_splits(programs: int, length: int, device: torch.device) -> int:
+    """How many runs of positions each (sequence, KV head) may be split into, for `programs`
+    (sequence, KV head) pairs and a cache of `length` positions: about one program an SM (one a
+    pair left all but 4 of an H100's 132 SMs idle on tinyllama at batch 1), a power of two, at
+    most one per ATTENTION_MIN_RUN positions and 16; 1 for a cache too short to be split. How
+    many runs a launch uses depends on how much of the cache is filled (the kernel)."""
+    if length < ATTENTION_SPLIT_FROM:
+        return 1
+    want = min(triton.cdiv(sm_count(device), programs), length // ATTENTION_MIN_RUN, 16)
+    return 1 << (want.bit_length() - 1)  # the power of two at or below
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
-                     slot: torch.Tensor) -> torch.Tensor:
+                     slot: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v over cache positions 0..slot[0] only (a decode step's
     attention without reading the empty tail of a static cache). q (B, H, 1, D) contiguous;
     k_cache, v_cache (B, Hkv, L, D) contiguous, H a multiple of Hkv (grouped heads); mask
-    additive (B, 1, 1, L). Returns (B, H, 1, D)."""
+    additive (B, 1, 1, L). Returns (B, H, 1, D). The filled positions are split into `splits`
+    runs (a power of two; default: `attention_splits`) attended in parallel and merged."""
     b, h, _, d = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
-    group = h // hkv
+    group, g_pad, block = h // hkv, max(16, triton.next_power_of_2(h // hkv)), ATTENTION_BLOCK
+    if splits is None:
+        splits = attention_splits(b * hkv, length, q.device)
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"splits={splits}: must be a power of two >= 1")
+    arrivals = arrival_counters(q.device, b * hkv)
+    parts = b * hkv * splits if splits > 1 else 0  # each run's (G_PAD, D) output, then its max and sum
+    part_acc = torch.empty(max(parts * g_pad * d, 1), dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(max(parts * 2 * g_pad, 1), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    _decode_attention_kernel[(b * hkv,)](
-        q.contiguous(), k_cache, v_cache, mask, slot, out, length, mask.stride(0), 1.0 / d**0.5, HKV=hkv,
-        GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK=64,
-        DOT_FP32=interpreting(), num_warps=4, **launch_options(q.device))
+    _decode_attention_kernel[(b * hkv, splits)](
+        q.contiguous(), k_cache, v_cache, mask, slot, out, part_acc, part_ml, arrivals, length, mask.stride(0),
+        1.0 / d**0.5, HKV=hkv, GROUP=group, G_PAD=g_pad, D=d, BLOCK=block, SPLITS=splits,
+        MIN_RUN=max(block, ATTENTION_MIN_RUN // block * block), SPLIT_FROM=ATTENTION_SPLIT_FROM,
+        DOT_FP32=interpreting(), num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES, **launch_options(q.device))
     return out

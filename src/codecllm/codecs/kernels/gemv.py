@@ -847,7 +847,7 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
     n_out = out.shape[1]
     partials = out if splits == 1 else torch.empty(splits, batch, 2 * n_out if gated else n_out,
                                                    dtype=torch.float32, device=out.device)
-    counters = _arrival_counters(out.device, grid) if splits > 1 else partials
+    counters = arrival_counters(out.device, grid) if splits > 1 else partials
     kernel[(grid, splits)](
         x2d, out, partials, counters, *[arg for segment in padded for arg in segment], *starts, span, *scalars,
         x2d.stride(0), out.stride(0), partials.stride(-2), B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps,
@@ -860,10 +860,11 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def _arrival_counters(device: torch.device, programs: int) -> torch.Tensor:
-    """int32 zeros, at least `programs` of them, kept per device: split-K launches count their
-    arrivals in them and set them back to zero before they end, so one buffer serves every launch
-    on the device's streams in turn (launches of one stream never overlap)."""
+def arrival_counters(device: torch.device, programs: int) -> torch.Tensor:
+    """int32 zeros, at least `programs` of them, kept per device: split launches (split-K here,
+    split positions in the decode attention) count their arrivals in them and set them back to
+    zero before they end, so one buffer serves every launch on the device's streams in turn
+    (launches of one stream never overlap)."""
     have = _COUNTERS.get(device)
     if have is None or have.numel() < programs:
         have = _COUNTERS[device] = torch.zeros(max(1024, triton.next_power_of_2(programs)), dtype=torch.int32,

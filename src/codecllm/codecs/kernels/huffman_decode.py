@@ -21,14 +21,13 @@ cache's cost per distinct cache line a warp touches does. The loop is laid out f
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from codecllm.codecs.base import FloatLayout
 from codecllm.codecs.huffman import QUICK_BITS
+from codecllm.codecs.kernels_available import sm_count
 
 AHEAD = 8  # steps between loading a symbol's sign/mantissa byte and using it
 
@@ -136,17 +135,12 @@ def _huffman_decode_kernel(
     tl.store(ends + lane, tl.where(bad, -1, position), mask=live)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def lanes_per_program(lanes: int, device: torch.device) -> int:
     """256 lanes (8 warps) a program where that still gives every SM 1.5 programs or more:
     4-9% faster than 128 on large matrices (H100: 4096x4096 and up). Smaller ones are bound by
     the latency of their sequential steps, and more, smaller programs spread it over more SMs:
     128 lanes (4 warps) is 8-10% faster there."""
-    if device.type == "cuda" and lanes >= 384 * _sm_count(device.index):  # a tensor's device has an index
+    if device.type == "cuda" and lanes >= 384 * sm_count(device):
         return 256
     return 128
 
