@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--skip", default="",
                         help="comma-separated: hf,compile,triton,nibble,nopdl,huffman,prefill (nopdl: the Triton "
                              "and nibble graphs again, captured without PDL launches)")
-    parser.add_argument("--name", help="result file name (default decode-MODEL, decode-MODEL-bB for a batch)")
+    parser.add_argument("--name", help="result file (default decode-MODEL, -bB for a batch, -pP for a prompt not 128)")
     parser.add_argument("--pairs", type=int, default=10,
                         help="rounds of nibble vs bf16 graph timed in turn (0: none)")
     args = parser.parse_args()
