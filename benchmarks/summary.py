@@ -42,6 +42,13 @@ def main() -> None:
         paired = data.get("nibble_vs_bf16_paired")
         paired = {k: paired[k] for k in ("median", "min", "max", "rounds")} if paired else None
         rows_ratio = nibble["tok_s"] / best_bf16["tok_s"] if "tok_s" in nibble else None
+        if data.get("prompt", 128) != 128:  # decode-MODEL-pP: a long prompt (the goals are for 128)
+            summary.setdefault("long_prompt", {}).setdefault(model, {})[str(data["prompt"])] = {
+                "batch": batch, "new": data["new"], "codecllm_bf16_tok_s": best_bf16["tok_s"],
+                "roofline_fraction": best_bf16["roofline_fraction"], "codecllm_nibble_tok_s": nibble.get("tok_s"),
+                "nibble_vs_bf16": paired["median"] if paired else rows_ratio}
+            summary["sources"].append(path.name)
+            continue
         if batch > 1:  # decode-MODEL-bB: batches of B sequences, tok/s over all of them
             for key, value in (("codecllm_bf16_tok_s_by_batch", best_bf16["tok_s"]),
                                ("codecllm_nibble_tok_s_by_batch", nibble.get("tok_s")),

@@ -104,3 +104,20 @@ def test_decode_roofline_counts_the_bytes_a_step_reads():
     assert decode.step_bytes(tied, 2, tied.parameter_count() * 2, 128, 256) == tied.parameter_count() * 2 + kv
     # a compressed model's table is taken at its bytes' average rate
     assert decode.step_bytes(config, 2, full * 0.75, 128, 256) == pytest.approx((full - table + 4 * 2048) * 0.75 + kv)
+
+
+def test_summary_headline_figures_come_from_the_prompt_128_runs():
+    """summary.json's per-model figures are the goals' (prompt 128, batch 1): a run with a longer
+    prompt (decode-MODEL-pP) goes under long_prompt and must not replace them."""
+    summary = json.loads((RESULTS / "summary.json").read_text())
+    tag = summary["gpu"].replace(" ", "-")
+    for model, tok_s in summary["codecllm_bf16_tok_s"].items():
+        data = json.loads((RESULTS / f"decode-{model}-{tag}.json").read_text())
+        assert data["prompt"] == 128 and data.get("batch", 1) == 1
+        bf16 = [r["tok_s"] for label, r in data["rows"].items() if label.startswith("codecllm bf16") and "tok_s" in r]
+        assert tok_s == max(bf16)
+    for model, runs in summary.get("long_prompt", {}).items():
+        for prompt, figures in runs.items():
+            data = json.loads((RESULTS / f"decode-{model}-p{prompt}-{tag}.json").read_text())
+            assert data["prompt"] == int(prompt) != 128
+            assert figures["codecllm_bf16_tok_s"] in [r.get("tok_s") for r in data["rows"].values()]
