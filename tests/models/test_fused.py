@@ -90,7 +90,7 @@ def test_decode_attention_matches_sdpa_over_the_filled_slots(hkv, group, d, spli
 
     monkeypatch.setattr(fused, "ATTENTION_BLOCK", 64)
     monkeypatch.setattr(fused, "ATTENTION_MIN_RUN", 64)  # runs of a block (256 by default)
-    monkeypatch.setattr(fused, "ATTENTION_SPLIT_FROM", 64)  # (768)
+    monkeypatch.setattr(fused, "ATTENTION_SPLIT_FROM", 64)  # (512)
     b, length, slot = 2, 160, 130
     q = bf16(b, hkv * group, 1, d, seed=1)
     k, v = bf16(b, hkv, length, d, seed=2), bf16(b, hkv, length, d, seed=3)
@@ -116,7 +116,7 @@ def test_decode_attention_splits_fill_the_gpu_within_the_cache():
     assert fused.attention_splits(4, 8192, cpu) == 16  # tinyllama at batch 1: at most 16
     assert fused.attention_splits(32, 8192, cpu) == 4  # 32 programs want 5: the power of two below
     assert fused.attention_splits(4, 768, cpu) == 2  # three runs of 256 positions fit
-    assert fused.attention_splits(4, 767, cpu) == 1  # never filled far enough to split
+    assert fused.attention_splits(4, 511, cpu) == 1  # never filled far enough to split
     assert fused.attention_splits(256, 8192, cpu) == 1
     with pytest.raises(ValueError, match="splits=3"):
         fused.decode_attention(bf16(1, 2, 1, 16), bf16(1, 1, 8, 16), bf16(1, 1, 8, 16),

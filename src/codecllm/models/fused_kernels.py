@@ -258,21 +258,24 @@ def _decode_attention_kernel(q, k, v, mask, slot, out, part_acc, part_ml, arriva
 def _merge(part_acc, part_ml, first, runs, heads, dims, outs, head_ok, G_PAD: tl.constexpr, D: tl.constexpr,
            SPLITS: tl.constexpr):
     """Store sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - max m), over the `runs` partials
-    from `first` on, in run order (loads past `runs` are masked off: no memory traffic)."""
-    live = tl.arange(0, SPLITS) < runs
-    ml = part_ml + 2 * (first + tl.arange(0, SPLITS))[:, None] * G_PAD + heads[None, :]
-    m_s = tl.load(ml, mask=live[:, None], other=float("-inf"), cache_modifier=".cg")  # (SPLITS, G_PAD)
-    m = tl.max(m_s, axis=0)  # finite: the newest position is always visible
-    total = tl.sum(tl.load(ml + G_PAD, mask=live[:, None], other=0.0, cache_modifier=".cg")
-                   * tl.exp(m_s - m[None, :]), axis=0)
+    from `first` on, in run order (loads past `runs` are masked off: no memory traffic). Merged
+    online, like the softmax itself, so no load waits for another: one round trip to L2."""
+    m = tl.full((G_PAD,), float("-inf"), tl.float32)
+    total = tl.zeros((G_PAD,), tl.float32)
     merged = tl.zeros((G_PAD, D), tl.float32)
     for s in tl.static_range(SPLITS):
         on = heads * 0 + s < runs  # (G_PAD,): the interpreter takes no scalar mask
-        w = tl.exp(tl.load(part_ml + 2 * (first + s) * G_PAD + heads, mask=on, other=float("-inf"),
-                           cache_modifier=".cg") - m)
+        ml = part_ml + 2 * (first + s) * G_PAD + heads
+        m_s = tl.load(ml, mask=on, other=float("-inf"), cache_modifier=".cg")  # -inf: nothing visible
+        l_s = tl.load(ml + G_PAD, mask=on, other=0.0, cache_modifier=".cg")
         a = tl.load(part_acc + ((first + s) * G_PAD + heads[:, None]) * D + dims[None, :], mask=on[:, None],
                     other=0.0, cache_modifier=".cg")
-        merged += a * w[:, None]
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        old, new = tl.exp(m - m_safe), tl.exp(m_s - m_safe)
+        total = total * old + l_s * new
+        merged = merged * old[:, None] + a * new[:, None]
+        m = m_new
     _store_bf16(outs, merged / total[:, None], head_ok[:, None])
 
 
@@ -286,9 +289,9 @@ def decode_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, mask: torch.Te
 
 
 ATTENTION_BLOCK = 128  # cache positions a loop turn
-# The merge of split runs costs about what 350 positions do (H100: ~3.5 us), so a cache is split
-# only from 768 filled positions on, in runs of at least 256.
-ATTENTION_SPLIT_FROM = 768
+# The merge of split runs costs about what 230 positions do (H100: ~2.3 us), so a cache is split
+# only from 512 filled positions on, in runs of at least 256.
+ATTENTION_SPLIT_FROM = 512
 ATTENTION_MIN_RUN = 256
 ATTENTION_STAGES = 3
 ATTENTION_WARPS = 4
