@@ -175,7 +175,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _attend(q, k, v, mask, b, cache, qt, heads, dims, begin, end, mask_stride_b, scale, G_PAD: tl.constexpr,
+def _attend(k, v, mask, b, cache, qt, heads, dims, begin, end, mask_stride_b, scale, G_PAD: tl.constexpr,
             D: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr):
     """Online softmax of the (G_PAD, D) queries `qt` over cache positions begin..end - 1:
     (row max, row sum, unnormalised output)."""
@@ -236,7 +236,7 @@ def _decode_attention_kernel(q, k, v, mask, slot, out, part_acc, part_ml, arriva
         if DOT_FP32:
             qt = qt.to(tl.float32)
         begin = split * run
-        m_i, l_i, acc = _attend(q, k, v, mask, b, pid.to(tl.int64) * L * D, qt, heads, dims, begin,
+        m_i, l_i, acc = _attend(k, v, mask, b, pid.to(tl.int64) * L * D, qt, heads, dims, begin,
                                 tl.minimum(begin + run, n), mask_stride_b, scale, G_PAD, D, BLOCK, DOT_FP32)
         outs = out + q_rows[:, None] * D + dims[None, :]
         if runs == 1:
@@ -288,6 +288,8 @@ def decode_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, mask: torch.Te
             and mask.stride(-1) == 1 and q.shape[1] % k_cache.shape[1] == 0)
 
 
+# Loop turns of 128 positions, 3 stages, 4 warps: the fastest at 128-1024 positions of the
+# BLOCK 32-256 x stages 1-4 x warps 4/8 swept on an H100 (NOTES.md, nineteenth session).
 ATTENTION_BLOCK = 128  # cache positions a loop turn
 # The merge of split runs costs about what 230 positions do (H100: ~2.3 us), so a cache is split
 # only from 512 filled positions on, in runs of at least 256.
