@@ -18,7 +18,7 @@ from codecllm.codecs.kernels.bf16 import bf16_round as _bf16_round
 from codecllm.codecs.kernels.bf16 import load_bf16 as _load_bf16
 from codecllm.codecs.kernels.bf16 import silu_times
 from codecllm.codecs.kernels.bf16 import store_bf16 as _store_bf16
-from codecllm.codecs.kernels.gemv import arrival_counters
+from codecllm.codecs.kernels.gemv import arrival_counters, last_to_arrive
 from codecllm.codecs.kernels.pdl import launch_next, launch_options, wait_for_inputs
 from codecllm.codecs.kernels_available import interpreting, sm_count
 
@@ -246,10 +246,7 @@ def _decode_attention_kernel(q, k, v, mask, slot, out, part_acc, part_ml, arriva
             tl.store(part_acc + (part * G_PAD + heads[:, None]) * D + dims[None, :], acc)
             tl.store(part_ml + 2 * part * G_PAD + heads, m_i)
             tl.store(part_ml + (2 * part + 1) * G_PAD + heads, l_i)
-            # every thread's stores before one thread releases them at GPU scope with the count;
-            # the last to arrive acquires them all (loads from L2: .cg)
-            tl.debug_barrier()
-            if tl.atomic_add(arrivals + pid, 1, sem="acq_rel", scope="gpu") == runs - 1:
+            if last_to_arrive(arrivals, pid, runs):
                 _merge(part_acc, part_ml, pid * SPLITS, runs, heads, dims, outs, head_ok, G_PAD, D, SPLITS)
                 tl.atomic_xchg(arrivals + pid, 0)  # zero again for the next launch
 

@@ -539,6 +539,16 @@ def _store_result(where, acc, up, ok, GATED: tl.constexpr):
 
 
 @triton.jit
+def last_to_arrive(counters, index, arrivals):
+    """Whether this program is the last of `arrivals` to count itself in `counters[index]`
+    (`arrival_counters`). Every thread's stores come before one thread releases them at GPU scope
+    with the count, and the last to arrive acquires them all: it may then read the others' results
+    (from L2, `.cg`: another SM wrote them) and must set the count back to zero."""
+    tl.debug_barrier()
+    return tl.atomic_add(counters + index, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+
+
+@triton.jit
 def _emit(out, partials, counters, acc, up, pid, N, stride_ob, stride_pb, B: tl.constexpr, B_PAD: tl.constexpr,
           BLOCK_N: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
           LATE: tl.constexpr):
@@ -557,9 +567,7 @@ def _emit(out, partials, counters, acc, up, pid, N, stride_ob, stride_pb, B: tl.
         tl.store(where, acc, mask=ok)
         if GATED:
             tl.store(where + N, up, mask=ok)
-        tl.debug_barrier()  # all the program's stores before its release below
-        arrived = tl.atomic_add(counters + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT - 1:
+        if last_to_arrive(counters, tl.program_id(0), SPLIT):
             acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
             up = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT):  # from L2 (.cg): other SMs wrote them
