@@ -139,20 +139,31 @@ def _row_fmas(acc4, packed, packed_codes, xw, base2, PTX: tl.constexpr):
 
 @triton.jit
 def _nibble_rows(
-    x, sign_mantissa, codes, escapes, slots, pid,
+    x, sign_mantissa, codes, escapes, slots, sm1, codes1, et1, es1, base1, pid,
     N, words_per_row, base, stride_xw, stride_xb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     SLOTS: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr, LATE: tl.constexpr,
+    PAIR: tl.constexpr, HOIST: tl.constexpr,
 ):
-    """fp32 (B_PAD, BLOCK_N): rows pid * BLOCK_N... of one nibble matrix times x. BLOCK_N divides
-    ESCAPE_TILE: a program's rows lie in one tile of the escape table.
+    """fp32 (B_PAD, BLOCK_N): rows pid * BLOCK_N... of one nibble matrix times x, twice (the same
+    sums), or with PAIR those of two matrices of one shape (sign_mantissa..., sm1...: gate and up).
+    BLOCK_N divides ESCAPE_TILE: a program's rows lie in one tile of the escape table.
 
     WAIT: the program waits for the kernel before (PDL) here, after it has issued its first turn's
     weight loads, as _nibble_rows_dot does: with PDL the next launch's programs are placed while
     the last programs of this one run, and their first loads then fill that tail. On an H100 at
     batch 1 (one process, timed alternately) tinyllama's four launches of a layer took 35.3 ->
     34.1 us and the 8B's 120.9 -> 118.9. Loading every turn a turn ahead as well lost (35.6 /
-    120.5: more registers, fewer programs an SM)."""
+    120.5: more registers, fewer programs an SM).
+
+    PAIR: gate and up share the loop (x loaded and widened once; both matrices' loads in flight
+    together) instead of one loop after the other. HOIST: the escape terms (x at the escapes'
+    columns, loaded after the wait) are summed before the loop and added after it, the same
+    operations as after it (the same bits), with no L2 round trip left at the program's end.
+    H100, batch 1, tinyllama's four launches of a layer chained under PDL (scratch A/B, session
+    20): 33.0 -> 31.0 us with both (gate/up 15.1 -> 14.9, down 8.4 -> 8.0); PAIR alone lost
+    (gate/up 17.9), and HOIST in 1-warp programs lost a little (o 3.8 -> 3.9; the 8B's o 10.9 ->
+    11.2), so _launch hoists only for PAIR and 2+ warps at batch 1."""
     # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
     # divisibility (it specialises arguments divisible by 16), which is what lets it issue
     # 16-byte loads. EVEN: every tile is full (N % BLOCK_N == 0, K % BK == 0): no masks.
@@ -179,18 +190,66 @@ def _nibble_rows(
     tile_escapes, extra, first_extra, last_extra = _tile_escapes(escapes, slots, pid * BLOCK_N // 16, N, SLOTS)
     acc4 = tl.zeros((B_PAD, BLOCK_N, BW // 2, 2), dtype=tl.float32)
     packed, packed_codes = _row_loads(word_ptr, code_ptr, row_words, in_tile, row_ok, words_per_row, EVEN)
+    if PAIR:
+        up_word_ptr = sm1.to(tl.pointer_type(tl.int32))
+        up_code_ptr = codes1.to(tl.pointer_type(tl.uint16))
+        up_base2 = _base2(base1)
+        up_escapes, up_extra, up_first, up_last = _tile_escapes(et1, es1, pid * BLOCK_N // 16, N, SLOTS)
+        up4 = tl.zeros((B_PAD, BLOCK_N, BW // 2, 2), dtype=tl.float32)
+        up_packed, up_codes = _row_loads(up_word_ptr, up_code_ptr, row_words, in_tile, row_ok, words_per_row, EVEN)
     if WAIT:
         _wait_for_x(PDL, LATE)
-    acc4 = _row_fmas(acc4, packed, packed_codes, _row_x(x_rows, in_tile, batch_ok, words_per_row, EVEN), base2, PTX)
+    if HOIST:
+        taken_out, put_in = _escape_terms(x, tile_escapes, rows, stride_xb, B, B_PAD)
+        if PAIR:
+            up_taken_out, up_put_in = _escape_terms(x, up_escapes, rows, stride_xb, B, B_PAD)
+    xw = _row_x(x_rows, in_tile, batch_ok, words_per_row, EVEN)
+    acc4 = _row_fmas(acc4, packed, packed_codes, xw, base2, PTX)
+    if PAIR:
+        up4 = _row_fmas(up4, up_packed, up_codes, xw, up_base2, PTX)
     for w0 in range(BW, words_per_row, BW):
         w = w0 + in_tile
         packed, packed_codes = _row_loads(word_ptr, code_ptr, row_words, w, row_ok, words_per_row, EVEN)
-        acc4 = _row_fmas(acc4, packed, packed_codes, _row_x(x_rows, w, batch_ok, words_per_row, EVEN), base2, PTX)
+        if PAIR:
+            up_packed, up_codes = _row_loads(up_word_ptr, up_code_ptr, row_words, w, row_ok, words_per_row, EVEN)
+        xw = _row_x(x_rows, w, batch_ok, words_per_row, EVEN)
+        acc4 = _row_fmas(acc4, packed, packed_codes, xw, base2, PTX)
+        if PAIR:
+            up4 = _row_fmas(up4, up_packed, up_codes, xw, up_base2, PTX)
     acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # (B_PAD, BLOCK_N)
-    acc = _escape_sums(acc, x, tile_escapes, rows, stride_xb, B, B_PAD)
+    if HOIST:
+        acc = acc + taken_out + put_in
+    else:
+        acc = _escape_sums(acc, x, tile_escapes, rows, stride_xb, B, B_PAD)
     for e0 in range(first_extra, last_extra, SLOTS):  # rare: more escapes than slots
         acc = _escape_sums(acc, x, _extra_escapes(extra, e0, last_extra, SLOTS), rows, stride_xb, B, B_PAD)
-    return acc
+    up = acc
+    if PAIR:
+        up = tl.sum(tl.sum(up4, axis=3), axis=2)
+        if HOIST:
+            up = up + up_taken_out + up_put_in
+        else:
+            up = _escape_sums(up, x, up_escapes, rows, stride_xb, B, B_PAD)
+        for e0 in range(up_first, up_last, SLOTS):
+            up = _escape_sums(up, x, _extra_escapes(up_extra, e0, up_last, SLOTS), rows, stride_xb, B, B_PAD)
+    return acc, up
+
+
+@triton.jit
+def _escape_terms(x, packed, rows, stride_xb, B: tl.constexpr, B_PAD: tl.constexpr):
+    """_escape_sums' two terms (B_PAD, R): x times the escapes' loop values taken out, and x times
+    their true values."""
+    col, row, values = _entry_fields(packed)
+    mine = (values != 0)[None, :] & (row[None, :] == (rows % 16)[:, None])  # (R, SLOTS)
+    # x at the columns of these rows' escapes only: a program with none loads nothing (no wait)
+    ours = tl.max(mine.to(tl.int32), axis=0) > 0
+    batch = tl.arange(0, B_PAD)
+    xs = tl.load(x + batch[:, None] * stride_xb + col[None, :], mask=(batch < B)[:, None] & ours[None, :],
+                 other=0).to(tl.float32)[:, None, :]
+    taken_out = (values << 16).to(tl.float32, bitcast=True)[None, None, :]
+    put_in = (values & -65536).to(tl.float32, bitcast=True)[None, None, :]
+    return tl.sum(tl.where(mine[None], xs * taken_out, 0.0), axis=2), tl.sum(tl.where(mine[None], xs * put_in, 0.0),
+                                                                             axis=2)
 
 
 @triton.jit
@@ -201,17 +260,8 @@ def _escape_sums(acc, x, packed, rows, stride_xb, B: tl.constexpr, B_PAD: tl.con
     escaped weight away next to the loop's much larger value (and so would, with split K, a
     correction in another split than the one whose sum holds the loop's product). Each product
     of two bf16 values is exact in fp32."""
-    col, row, values = _entry_fields(packed)
-    mine = (values != 0)[None, :] & (row[None, :] == (rows % 16)[:, None])  # (R, SLOTS)
-    # x at the columns of these rows' escapes only: a program with none loads nothing (no wait)
-    ours = tl.max(mine.to(tl.int32), axis=0) > 0
-    batch = tl.arange(0, B_PAD)
-    xs = tl.load(x + batch[:, None] * stride_xb + col[None, :], mask=(batch < B)[:, None] & ours[None, :],
-                 other=0).to(tl.float32)[:, None, :]
-    taken_out = (values << 16).to(tl.float32, bitcast=True)[None, None, :]
-    put_in = (values & -65536).to(tl.float32, bitcast=True)[None, None, :]
-    acc += tl.sum(tl.where(mine[None], xs * taken_out, 0.0), axis=2)
-    return acc + tl.sum(tl.where(mine[None], xs * put_in, 0.0), axis=2)
+    taken_out, put_in = _escape_terms(x, packed, rows, stride_xb, B, B_PAD)
+    return acc + taken_out + put_in
 
 
 # _bf16_pairs in PTX: $0, $1 = the (w0, w2), (w1, w3) pairs of word $2 with codes $3, base2 $4
@@ -587,7 +637,7 @@ def _nibble_block(
     N, words_per_row, base, stride_xw, stride_xb, span, warp_words,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PTX: tl.constexpr,
-    PDL: tl.constexpr, EARLY: tl.constexpr, LATE: tl.constexpr,
+    PDL: tl.constexpr, EARLY: tl.constexpr, LATE: tl.constexpr, HOIST: tl.constexpr,
 ):
     """One program's rows of one matrix (`escapes`, `slots`: its EscapeTable). EARLY: it waits
     for its inputs itself (PDL), after its first weight loads."""
@@ -596,8 +646,9 @@ def _nibble_block(
                                stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, DOT_FP32, WARPS, SLOTS, PTX,
                                PDL, EARLY, LATE)
     else:
-        acc = _nibble_rows(x, sign_mantissa, codes, escapes, slots, pid, N, words_per_row, base, stride_xw,
-                           stride_xb, B, B_PAD, BLOCK_N, BK, EVEN, SLOTS, PTX, PDL, EARLY, LATE)
+        acc, _ = _nibble_rows(x, sign_mantissa, codes, escapes, slots, sign_mantissa, codes, escapes, slots, base,
+                              pid, N, words_per_row, base, stride_xw, stride_xb, B, B_PAD, BLOCK_N, BK, EVEN, SLOTS,
+                              PTX, PDL, EARLY, LATE, False, HOIST)
     return acc
 
 
@@ -611,7 +662,7 @@ def _nibble_kernel(
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr,
     SPLIT: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr,
-    PTX: tl.constexpr, EARLY: tl.constexpr,
+    PTX: tl.constexpr, EARLY: tl.constexpr, HOIST: tl.constexpr, PAIR: tl.constexpr,
 ):
     # Up to three matrices of the same input width in one launch (q/k/v): programs [0, p1) take
     # matrix 0, [p1, p2) matrix 1, the rest matrix 2, each writing its own columns of `out`.
@@ -635,15 +686,19 @@ def _nibble_kernel(
             gate, up = _nibble_gated_dot(x, sm0, codes0, et0, es0, base0, sm1, codes1, et1, es1, base1, pid, n0,
                                          words_per_row, stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N,
                                          EVEN, DOT_FP32, WARPS, SLOTS, PTX, PDL)
+        elif PAIR and not USE_DOT:
+            gate, up = _nibble_rows(x, sm0, codes0, et0, es0, sm1, codes1, et1, es1, base1, pid, n0, words_per_row,
+                                    base0, stride_xw, stride_xb, B, B_PAD, BLOCK_N, BK, EVEN, SLOTS, PTX, PDL, EARLY,
+                                    True, True, HOIST)
         else:
             if not EARLY:
                 wait_for_inputs(PDL)
             gate = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
                                  stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
-                                 SLOTS, PTX, PDL, EARLY, True)
+                                 SLOTS, PTX, PDL, EARLY, True, HOIST)
             up = _nibble_block(x, sm1, codes1, et1, es1, pid, n0, words_per_row, base1, stride_xw,
                                stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
-                               SLOTS, PTX, PDL, False, True)
+                               SLOTS, PTX, PDL, False, True, HOIST)
         _emit(out, partials, counters, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT, PDL,
               LATE)
     else:
@@ -655,21 +710,21 @@ def _nibble_kernel(
         if seg == 0:
             acc = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
                                 stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
-                                SLOTS, PTX, PDL, EARLY, LATE)
+                                SLOTS, PTX, PDL, EARLY, LATE, HOIST)
             _emit(out, partials, counters, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT,
                   PDL, LATE)
         if SEGMENTS >= 2:
             if seg == 1:
                 acc = _nibble_block(x, sm1, codes1, et1, es1, pid - p1, n1, words_per_row, base1,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
-                                    DOT_FP32, WARPS, SLOTS, PTX, PDL, EARLY, LATE)
+                                    DOT_FP32, WARPS, SLOTS, PTX, PDL, EARLY, LATE, HOIST)
                 _emit(out + n0, partials + n0, counters, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD,
                       BLOCK_N, False, SPLIT, PDL, LATE)
         if SEGMENTS == 3:
             if seg == 2:
                 acc = _nibble_block(x, sm2, codes2, et2, es2, pid - p2, n2, words_per_row, base2,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
-                                    DOT_FP32, WARPS, SLOTS, PTX, PDL, EARLY, LATE)
+                                    DOT_FP32, WARPS, SLOTS, PTX, PDL, EARLY, LATE, HOIST)
                 _emit(out + n0 + n1, partials + n0 + n1, counters, acc, acc, pid - p2, n2, stride_ob, stride_pb, B,
                       B_PAD, BLOCK_N, False, SPLIT, PDL, LATE)
 
@@ -843,6 +898,9 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         # the programs load their first turn of weights before they wait for x: on CUDA cores
         # (_nibble_rows), and on tensor cores with two MMA steps a loop turn (_nibble_rows_dot)
         flags["EARLY"] = not use_dot or bk == 128
+        # CUDA cores: gate and up in one loop; escape terms before the loop (_nibble_rows)
+        flags["PAIR"] = gated and not use_dot
+        flags["HOIST"] = flags["PAIR"] or (batch == 1 and warps >= 2)
     else:
         scalars = (k,)
     programs = [triton.cdiv(n, block_n) for n in rows]
