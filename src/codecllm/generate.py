@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from codecllm.codecs import triton_available
 from codecllm.errors import ConfigError
 from codecllm.kv.cache import KVCache
 from codecllm.kv.variants import make_kv_cache, parse_kv
+from codecllm.models import fused
 from codecllm.models.layers import causal_mask
 from codecllm.weights.experts import stamp
 from codecllm.weights.fast_linear import graph_step
@@ -177,21 +179,33 @@ class DecodeGraph:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.padding = torch.ones(batch, cache.max_len, dtype=torch.bool, device=device)
         self.columns = torch.arange(cache.max_len, device=device)
+        # Additive (0 / -inf) in the cache's dtype: a boolean mask would be converted by every
+        # layer's attention call (three small kernels per layer).
+        self.mask = torch.zeros(batch, 1, 1, cache.max_len, dtype=cache.k.dtype, device=device)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.per_pass: dict[str, int] = {}
 
-    def _step(self) -> None:
+    def _build_mask(self) -> None:
+        """The mask of the positions the next step sees: those up to the slot it writes."""
         visible = (self.columns <= self.slot)[None, None, None, :] & self.padding[:, None, None, :]
-        # Additive (0 / -inf) in the cache's dtype, made once per step: a boolean mask would be
-        # converted by every layer's attention call (three small kernels per layer).
-        mask = torch.zeros_like(visible, dtype=self.cache.k.dtype).masked_fill_(~visible, float("-inf"))
+        self.mask.zero_().masked_fill_(~visible, float("-inf"))
+
+    def _step(self) -> None:
         with graph_step():
-            self.logits = self.model(self.token, self.position, mask, self.cache)[:, -1]
+            self.logits = self.model(self.token, self.position, self.mask, self.cache)[:, -1]
+        if fused.switched_on() and triton_available():
+            # the argmax, the position and slot counts and the next step's mask column in one
+            # kernel (eight small ones otherwise)
+            from codecllm.models.fused_kernels import finish_step
+
+            finish_step(self.logits, self.token, self.position, self.slot, self.mask, self.padding, self.greedy)
+            return
         if self.greedy:
             self.token.copy_(self.logits.argmax(-1, keepdim=True))
         self.position.add_(1)
         self.slot.add_(1)
+        self._build_mask()
 
     def start(self, token: torch.Tensor, position: torch.Tensor, padding: torch.Tensor) -> None:
         """Load the state after a prefill of padding.shape[1] tokens; capture on first use."""
@@ -204,6 +218,7 @@ class DecodeGraph:
             self.slot.fill_(prompt_len)
             self.padding.fill_(True)
             self.padding[:, :prompt_len] = padding
+            self._build_mask()
 
         load_state()
         if self.graph is not None:

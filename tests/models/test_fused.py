@@ -121,3 +121,45 @@ def test_decode_attention_splits_fill_the_gpu_within_the_cache():
     with pytest.raises(ValueError, match="splits=3"):
         fused.decode_attention(bf16(1, 2, 1, 16), bf16(1, 1, 8, 16), bf16(1, 1, 8, 16),
                                torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16), torch.tensor([3]), splits=3)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_finish_step_is_argmax_plus_the_state_update(greedy, dtype, monkeypatch):
+    """One launch ends a graph decode step: torch.argmax's pick (ties to the first index, -0.0
+    equal to +0.0, NaN largest) over blocks merged by the last program, the position and slot
+    counts, and the next step's mask column opened only where padding marks a real token."""
+    from codecllm.codecs.kernels.gemv import arrival_counters
+    from codecllm.models import fused_kernels as fused
+
+    monkeypatch.setattr(fused, "ARGMAX_BLOCK", 64)  # several blocks a sequence
+    b, v, length = 5, 300, 12
+    logits = torch.randn(b, v, generator=torch.Generator().manual_seed(1)).to(dtype)
+    logits[0, 7] = logits[0, 250] = 40.0  # a tie across blocks: the first
+    logits[1, 70] = logits[1, 71] = 40.0  # a tie within a block
+    logits[2] = -1.0
+    logits[2, 100], logits[2, 5] = 0.0, -0.0  # -0.0 == +0.0: the first
+    logits[3, 299] = float("nan")  # NaN beats everything
+    logits[4, 0] = 40.0
+    logits = logits.repeat(1, 2)[:, :v]  # a strided view: rows v * 2 apart
+    padding = torch.ones(b, length, dtype=torch.bool)
+    padding[1, :3] = False  # left padding
+    padding[3, 9] = False  # not a real position: stays masked
+    for start in (4, 8, length - 1):  # the last: no column left to open
+        token = torch.full((b, 1), -1, dtype=torch.long)
+        position = torch.arange(b).view(b, 1) + 10
+        slot = torch.tensor([start])
+        mask = torch.where(torch.arange(length) <= start, 0.0, float("-inf")).to(dtype).repeat(b, 1).view(b, 1, 1,
+                                                                                                            length)
+        before = mask.clone()
+        fused.finish_step(logits, token, position, slot, mask, padding, greedy)
+        want = logits.argmax(-1, keepdim=True) if greedy else torch.full((b, 1), -1)
+        assert token.tolist() == want.tolist()
+        if greedy:
+            assert token.view(-1).tolist() == [7, 70, 5, 299, 0]
+        assert position.view(-1).tolist() == [10 + i + 1 for i in range(b)] and slot.tolist() == [start + 1]
+        expected = before.clone()
+        if start + 1 < length:
+            expected[:, 0, 0, start + 1] = torch.where(padding[:, start + 1], 0.0, float("-inf")).to(dtype)
+        assert torch.equal(mask, expected)
+        assert int(arrival_counters(logits.device, 1)[0]) == 0  # ready for the next launch

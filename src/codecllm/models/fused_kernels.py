@@ -333,3 +333,81 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         MIN_RUN=max(block, ATTENTION_MIN_RUN // block * block), SPLIT_FROM=ATTENTION_SPLIT_FROM,
         DOT_FP32=interpreting(), num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES, **launch_options(q.device))
     return out
+
+
+# A decode step's greedy pick: one program per ARGMAX_BLOCK logits of a sequence, merged by the
+# last program to arrive, which also moves the step's state on (see finish_step).
+ARGMAX_BLOCK = 4096
+_INT32_MIN = tl.constexpr(-2147483648)
+_INT32_MAX = tl.constexpr(2147483647)
+
+
+@triton.jit
+def _argmax_key(v):
+    """int32 keys ordered as torch.argmax orders fp32 values: -0.0 as +0.0, NaN above everything
+    (torch's max propagates NaN)."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == _INT32_MIN, 0, bits)  # -0.0 -> +0.0
+    key = bits ^ ((bits >> 31) & _INT32_MAX)  # negative values: larger magnitude, smaller key
+    return tl.where(v != v, _INT32_MAX, key)
+
+
+@triton.jit
+def _finish_step_kernel(logits, token, position, slot, mask, padding, part_key, part_index, arrivals, V, L,
+                        stride_lb, B: tl.constexpr, B_PAD: tl.constexpr, SPLITS: tl.constexpr,
+                        S_PAD: tl.constexpr, BLOCK: tl.constexpr, GREEDY: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
+    launch_next(PDL)
+    pid = tl.program_id(0)
+    programs = 1
+    if GREEDY:  # this program's best (key, first index) of its BLOCK logits
+        programs = B * SPLITS
+        cols = (pid % SPLITS) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < V
+        v = tl.load(logits + (pid // SPLITS) * stride_lb + cols, mask=ok, other=0).to(tl.float32)
+        key = tl.where(ok, _argmax_key(v), _INT32_MIN)  # below every value's key (-inf: -2139095041)
+        best = tl.max(key, axis=0)
+        tl.store(part_key + pid, best)
+        tl.store(part_index + pid, tl.min(tl.where(key == best, cols, _INT32_MAX), axis=0))
+    if last_to_arrive(arrivals, 0, programs):
+        batch = tl.arange(0, B_PAD)
+        live = batch < B
+        if GREEDY:  # the best of each sequence's blocks; ties: the first index, as torch.argmax
+            s = tl.arange(0, S_PAD)
+            at = batch[:, None] * SPLITS + s[None, :]
+            ours = live[:, None] & (s < SPLITS)[None, :]
+            keys = tl.load(part_key + at, mask=ours, other=_INT32_MIN, cache_modifier=".cg")
+            first = tl.load(part_index + at, mask=ours, other=_INT32_MAX, cache_modifier=".cg")
+            top = tl.max(keys, axis=1)
+            picked = tl.min(tl.where(keys == top[:, None], first, _INT32_MAX), axis=1)
+            tl.store(token + batch, picked.to(tl.int64), mask=live)
+        tl.store(position + batch, tl.load(position + batch, mask=live) + 1, mask=live)
+        now = tl.load(slot + batch * 0, mask=batch == 0, other=0)  # (B_PAD,): the interpreter takes no scalar mask
+        tl.store(slot + batch * 0, now + 1, mask=batch == 0)
+        # the next step sees one more cache position: the one this step's token goes to
+        next_slot = batch * 0 + tl.max(now, axis=0) + 1
+        opens = live & (next_slot < L)
+        real = tl.load(padding + batch * L + next_slot, mask=opens, other=0) != 0
+        tl.store(mask + batch * L + next_slot,
+                 tl.where(real, 0.0, float("-inf")).to(mask.dtype.element_ty), mask=opens)
+        tl.atomic_xchg(arrivals + 0, 0)  # zero again for the next launch
+
+
+def finish_step(logits: torch.Tensor, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor,
+                mask: torch.Tensor, padding: torch.Tensor, greedy: bool) -> None:
+    """The end of a CUDA-graph decode step in one launch: with `greedy`, token (B, 1) =
+    logits.argmax(-1) (logits (B, V); the first index of the largest value, NaN largest, as torch);
+    then position (B, 1) += 1, slot (1,) += 1, and the additive mask (B, 1, 1, L) opens the new
+    slot's column where padding (B, L) marks a real token. Replaces an argmax, two adds and a
+    rebuild of the mask (about eight small kernels; H100, tinyllama batch 1: see NOTES.md)."""
+    b, v = logits.shape
+    length = mask.shape[-1]
+    splits = triton.cdiv(v, ARGMAX_BLOCK)
+    parts = b * splits if greedy else 1
+    part_key = torch.empty(parts, dtype=torch.int32, device=logits.device)
+    part_index = torch.empty(parts, dtype=torch.int32, device=logits.device)
+    _finish_step_kernel[(parts,)](
+        logits, token, position, slot, mask, padding.view(torch.uint8), part_key, part_index,
+        arrival_counters(logits.device, 1), v, length, logits.stride(0), B=b, B_PAD=triton.next_power_of_2(b),
+        SPLITS=splits, S_PAD=triton.next_power_of_2(splits), BLOCK=ARGMAX_BLOCK, GREEDY=greedy, num_warps=4,
+        **launch_options(logits.device))
