@@ -1,6 +1,7 @@
 """Triton kernels for the decode step's elementwise ops (see `fused.py` for when they run):
-RMSNorm, residual add + RMSNorm, RoPE, SiLU(gate) * up, one kernel each, and for a decode token
-RoPE of q and k with the KV-cache write in one kernel.
+RMSNorm, residual add + RMSNorm, RoPE, SiLU(gate) * up, one kernel each; for a decode token
+RoPE of q and k with the KV-cache write in one kernel, attention over the filled cache slots,
+and the end of a CUDA-graph step (greedy pick, counters, next mask column) in one kernel.
 
 Every kernel rounds exactly where the PyTorch code it replaces rounds (bf16 after each op, fp32
 inside RMSNorm), with round-to-nearest-even done by integer ops and results stored as raw
