@@ -159,7 +159,8 @@ def _nibble_rows(
     PAIR: gate and up share the loop (x loaded and widened once; both matrices' loads in flight
     together) instead of one loop after the other. HOIST: the escape terms (x at the escapes'
     columns, loaded after the wait) are summed before the loop and added after it, the same
-    operations as after it (the same bits), with no L2 round trip left at the program's end.
+    operations as after it (the same bits), with no L2 round trip left at the program's end;
+    otherwise they are summed after the loop.
     H100, batch 1, tinyllama's four launches of a layer chained under PDL (scratch A/B, session
     20): 33.0 -> 31.0 us with both (gate/up 15.1 -> 14.9, down 8.4 -> 8.0); PAIR alone lost
     (gate/up 17.9), and HOIST in 1-warp programs lost a little (o 3.8 -> 3.9; the 8B's o 10.9 ->
@@ -216,23 +217,30 @@ def _nibble_rows(
         acc4 = _row_fmas(acc4, packed, packed_codes, xw, base2, PTX)
         if PAIR:
             up4 = _row_fmas(up4, up_packed, up_codes, xw, up_base2, PTX)
-    acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # (B_PAD, BLOCK_N)
-    if HOIST:
-        acc = acc + taken_out + put_in
-    else:
-        acc = _escape_sums(acc, x, tile_escapes, rows, stride_xb, B, B_PAD)
-    for e0 in range(first_extra, last_extra, SLOTS):  # rare: more escapes than slots
-        acc = _escape_sums(acc, x, _extra_escapes(extra, e0, last_extra, SLOTS), rows, stride_xb, B, B_PAD)
+    if not HOIST:  # _row_sums sums them after the loop
+        taken_out, put_in, up_taken_out, up_put_in = 0.0, 0.0, 0.0, 0.0
+    acc = _row_sums(acc4, taken_out, put_in, x, tile_escapes, extra, first_extra, last_extra, rows, stride_xb, B,
+                    B_PAD, SLOTS, HOIST)
     up = acc
     if PAIR:
-        up = tl.sum(tl.sum(up4, axis=3), axis=2)
-        if HOIST:
-            up = up + up_taken_out + up_put_in
-        else:
-            up = _escape_sums(up, x, up_escapes, rows, stride_xb, B, B_PAD)
-        for e0 in range(up_first, up_last, SLOTS):
-            up = _escape_sums(up, x, _extra_escapes(up_extra, e0, up_last, SLOTS), rows, stride_xb, B, B_PAD)
+        up = _row_sums(up4, up_taken_out, up_put_in, x, up_escapes, up_extra, up_first, up_last, rows, stride_xb, B,
+                       B_PAD, SLOTS, HOIST)
     return acc, up
+
+
+@triton.jit
+def _row_sums(acc4, taken_out, put_in, x, tile_escapes, extra, first_extra, last_extra, rows, stride_xb,
+              B: tl.constexpr, B_PAD: tl.constexpr, SLOTS: tl.constexpr, HOIST: tl.constexpr):
+    """_nibble_rows' result (B_PAD, R): its loop's sums acc4, plus its tile's escape terms
+    (_escape_terms: given when HOIST, summed here otherwise), then the escapes beyond the tile's
+    slots (_escape_sums)."""
+    acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
+    if not HOIST:
+        taken_out, put_in = _escape_terms(x, tile_escapes, rows, stride_xb, B, B_PAD)
+    acc = acc + taken_out + put_in
+    for e0 in range(first_extra, last_extra, SLOTS):  # rare: more escapes than slots
+        acc = _escape_sums(acc, x, _extra_escapes(extra, e0, last_extra, SLOTS), rows, stride_xb, B, B_PAD)
+    return acc
 
 
 @triton.jit
@@ -248,8 +256,9 @@ def _escape_terms(x, packed, rows, stride_xb, B: tl.constexpr, B_PAD: tl.constex
                  other=0).to(tl.float32)[:, None, :]
     taken_out = (values << 16).to(tl.float32, bitcast=True)[None, None, :]
     put_in = (values & -65536).to(tl.float32, bitcast=True)[None, None, :]
-    return tl.sum(tl.where(mine[None], xs * taken_out, 0.0), axis=2), tl.sum(tl.where(mine[None], xs * put_in, 0.0),
-                                                                             axis=2)
+    out_terms = tl.sum(tl.where(mine[None], xs * taken_out, 0.0), axis=2)
+    in_terms = tl.sum(tl.where(mine[None], xs * put_in, 0.0), axis=2)
+    return out_terms, in_terms
 
 
 @triton.jit
