@@ -231,6 +231,7 @@ def test_split_k_sums_in_the_kernel_the_same_every_call(nibble):
     """With K split, the last split of each row block adds the partial sums (no second launch):
     every call gives the same bits, and the arrival counters are back at zero after each."""
     from codecllm.codecs.kernels import gemv as module
+    from codecllm.codecs.kernels.arrivals import arrival_counters
 
     n, k = 40, 1032
     w = weights_with_escapes(n, k, seed=11)
@@ -238,7 +239,7 @@ def test_split_k_sums_in_the_kernel_the_same_every_call(nibble):
     weight = module.NibbleGemvWeight(codecllm.encode(w, "nibble")) if nibble else w
     outs = [module.gemv_group(x, [weight, weight], config=SPLIT_K) for _ in range(2)]
     assert torch.equal(bits(outs[0]), bits(outs[1]))
-    assert not module._COUNTERS[x.device].any()
+    assert not arrival_counters(x.device, 1).any()
     ref = x.double() @ w.double().T
     assert ((outs[0][:, :n].double() - ref).norm() / ref.norm()).item() < 1e-2
 

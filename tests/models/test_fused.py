@@ -129,7 +129,7 @@ def test_finish_step_is_argmax_plus_the_state_update(greedy, dtype, monkeypatch)
     """One launch ends a graph decode step: torch.argmax's pick (ties to the first index, -0.0
     equal to +0.0, NaN largest) over blocks merged by the last program, the position and slot
     counts, and the next step's mask column opened only where padding marks a real token."""
-    from codecllm.codecs.kernels.gemv import arrival_counters
+    from codecllm.codecs.kernels.arrivals import arrival_counters
     from codecllm.models import fused_kernels as fused
 
     monkeypatch.setattr(fused, "ARGMAX_BLOCK", 64)  # several blocks a sequence

@@ -15,11 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from codecllm.codecs.kernels.arrivals import arrival_counters, last_to_arrive
 from codecllm.codecs.kernels.bf16 import bf16_round as _bf16_round
 from codecllm.codecs.kernels.bf16 import load_bf16 as _load_bf16
 from codecllm.codecs.kernels.bf16 import silu_times
 from codecllm.codecs.kernels.bf16 import store_bf16 as _store_bf16
-from codecllm.codecs.kernels.gemv import arrival_counters, last_to_arrive
 from codecllm.codecs.kernels.pdl import launch_next, launch_options, wait_for_inputs
 from codecllm.codecs.kernels_available import interpreting, sm_count
 

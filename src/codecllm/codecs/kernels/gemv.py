@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from codecllm.codecs.kernels import pdl
+from codecllm.codecs.kernels.arrivals import arrival_counters, last_to_arrive
 from codecllm.codecs.kernels.bf16 import bf16_round, silu_times, store_bf16
 from codecllm.codecs.kernels.nibble_decode import nibble_bf16_bits
 from codecllm.codecs.kernels.pdl import launch_next, wait_for_inputs
@@ -598,16 +599,6 @@ def _store_result(where, acc, up, ok, GATED: tl.constexpr):
 
 
 @triton.jit
-def last_to_arrive(counters, index, arrivals):
-    """Whether this program is the last of `arrivals` to count itself in `counters[index]`
-    (`arrival_counters`). Every thread's stores come before one thread releases them at GPU scope
-    with the count, and the last to arrive acquires them all: it may then read the others' results
-    (from L2, `.cg`: another SM wrote them) and must set the count back to zero."""
-    tl.debug_barrier()
-    return tl.atomic_add(counters + index, 1, sem="acq_rel", scope="gpu") == arrivals - 1
-
-
-@triton.jit
 def _emit(out, partials, counters, acc, up, pid, N, stride_ob, stride_pb, B: tl.constexpr, B_PAD: tl.constexpr,
           BLOCK_N: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
           LATE: tl.constexpr):
@@ -930,21 +921,6 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         LATE=gated or (nibble and use_dot and sum(rows) * k >= LATE_TRIGGER_WEIGHTS), **pdl.launch_options(out.device),
     )
     return out
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def arrival_counters(device: torch.device, programs: int) -> torch.Tensor:
-    """int32 zeros, at least `programs` of them, kept per device: split launches (split-K here,
-    split positions in the decode attention) count their arrivals in them and set them back to
-    zero before they end, so one buffer serves every launch on the device's streams in turn
-    (launches of one stream never overlap)."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < programs:
-        have = _COUNTERS[device] = torch.zeros(max(1024, triton.next_power_of_2(programs)), dtype=torch.int32,
-                                               device=device)
-    return have
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
