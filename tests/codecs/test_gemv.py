@@ -26,13 +26,14 @@ def weights_with_escapes(n: int, k: int, seed: int) -> torch.Tensor:
 SPLIT_K = (16, 64, 4, 3, True)  # tensor-core tiles, K cut in 3 spans summed by a second kernel
 PREFETCH = (16, 128, 4, 2, True, 1)  # two MMA steps a loop turn: the next turn's loads run ahead
 CUDA_CORES = (4, 64, 2, 1, False)  # batches on CUDA cores: each weight decoded once, B FMAs
+TWO_ROWS = (2, 2048, 2, 1, False)  # batch 2's choice up to 2048 rows: a whole row of 2048 a turn
 
 
 @pytest.mark.parametrize("n, k, batch, config", [(6, 64, 1, None), (33, 200, 3, None), (17, 1032, 8, None),
                                                  (5, 2052, 1, None), (3, 2052, 2, None), (33, 200, 3, SPLIT_K),
                                                  (17, 1032, 8, SPLIT_K), (33, 200, 3, CUDA_CORES),
                                                  (32, 512, 4, None), (48, 2048, 8, None), (17, 1032, 8, PREFETCH),
-                                                 (32, 2048, 5, PREFETCH)])
+                                                 (32, 2048, 5, PREFETCH), (6, 2048, 2, TWO_ROWS)])
 def test_fused_nibble_gemv_matches_reference(n, k, batch, config):
     from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv
 

@@ -170,7 +170,8 @@ def test_grouped_and_gated_gemvs_on_the_gpu():
         weights = [NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in mats] if nibble else mats
         pair = [gaussian_weights(5632 * 2048, seed=s).view(5632, 2048).cuda() for s in (1, 2)]
         pair = [NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in pair] if nibble else pair
-        for batch in (1, 1, 4, 8, 8):  # CUDA cores, then tensor cores (gate/up: _nibble_gated_dot)
+        # CUDA cores (q/k/v at batch 2 too), then tensor cores (gate/up: _nibble_gated_dot)
+        for batch in (1, 1, 2, 4, 8, 8):
             qkv_config = _config(2048 + 256 + 256, 2048, batch, nibble)  # what the grouped launches take
             gated_config = _config(2 * 5632, 2048, batch, nibble, gated=True)
             for _ in range(4):  # 20 inputs: a differing order would show on about one x in ten

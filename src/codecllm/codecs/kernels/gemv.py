@@ -816,6 +816,7 @@ def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tu
     # a small matrix (<= 4 M weights, 8 MB of bf16) is latency-bound: at batches 2-4 a few rows a
     # program on CUDA cores, each weight read once for the batch, beat tensor-core tiles
     small = n * k <= 1 << 22
+    mid = n * k <= 12 << 20  # tinyllama's matrices and launches but gate/up
     if nibble:
         if batch == 1:
             # one row and one warp a program where there are rows enough, 32 weights a thread a
@@ -829,9 +830,15 @@ def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tu
             if gated or (n < 4096 and k > 4096):
                 return 1, 2048, 2, 1, False
             return (2, 2048, 1, 1, False) if n >= 16384 and k <= 2048 else (1, 1024, 1, 1, False)
-        if batch == 2 and small:
-            block_n, bk, warps = (1, 2048, 4) if n < 2048 else (1, 1024, 2) if n < 4096 else (1, 1024, 1)
-            return block_n, bk, warps, 1, False
+        if batch == 2 and mid and not gated:
+            # CUDA cores up to 12 M weights at batch 2 (tinyllama's q/k/v, o and down included):
+            # 2 rows and 2 warps a program, turns of 2048 columns up to 2048 rows (126 registers:
+            # those programs fit one wave), of 1024 above. H100, timed in turn against the old
+            # choice (session 22): 2048x2048 6.1 -> 4.5 us, q/k/v 6.1 -> 5.1, down 10.8 -> 10.4,
+            # 5632x2048 11.0 -> 10.3; 1024x4096 with 2 warps a row 6.1 -> 4.9
+            if n < 1024:
+                return 1, 2048, 4, 1, False
+            return (1, 2048, 2, 1, False) if n < 2048 else (2, 2048 if n <= 2048 else 1024, 2, 1, False)
         if small and batch <= 4 and n <= 512:
             return 2, 2048, 4, 1, False
         # tensor cores: 16 rows a program, two MMA steps a loop turn, loads a turn ahead in
@@ -857,7 +864,8 @@ def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tu
         if gated:
             return 4, 2048, 4, 1, False
         return (2, 1024, 4, 1, False) if 2048 < n < 4096 else (2, 2048, 2, 1, False)
-    if small and batch == 2:
+    if batch == 2 and (small or mid and n <= 4096 and not gated):
+        # q/k/v and down at batch 2 as well (session 22: 6.8 -> 6.5 us, 11.5 -> 11.0)
         return (2, 2048, 4, 1, False) if n <= 1024 else (4, 1024, 4, 1, False)
     if small and batch <= 4 and n <= 1024:
         return 2, 1024, 4, 1, False
