@@ -830,12 +830,14 @@ def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tu
             if gated or (n < 4096 and k > 4096):
                 return 1, 2048, 2, 1, False
             return (2, 2048, 1, 1, False) if n >= 16384 and k <= 2048 else (1, 1024, 1, 1, False)
-        if batch == 2 and mid and not gated:
-            # CUDA cores up to 12 M weights at batch 2 (tinyllama's q/k/v, o and down included):
-            # 2 rows and 2 warps a program, turns of 2048 columns up to 2048 rows (126 registers:
-            # those programs fit one wave), of 1024 above. H100, timed in turn against the old
-            # choice (session 22): 2048x2048 6.1 -> 4.5 us, q/k/v 6.1 -> 5.1, down 10.8 -> 10.4,
-            # 5632x2048 11.0 -> 10.3; 1024x4096 with 2 warps a row 6.1 -> 4.9
+        if batch == 2 and mid and not gated and k <= 4096:
+            # CUDA cores up to 12 M weights at batch 2 (tinyllama's q/k/v and o): 2 rows and 2
+            # warps a program, turns of 2048 columns up to 2048 rows (126 registers: those
+            # programs fit one wave), of 1024 above. H100, timed in turn against the old choice
+            # (session 22): 2048x2048 6.1 -> 4.5 us, q/k/v 6.1 -> 5.1, 5632x2048 11.0 -> 10.3;
+            # 1024x4096 with 2 warps a row 6.1 -> 4.9. In tinyllama's step (profiled per kernel)
+            # o took 5.3 -> 3.0 us and q/k/v 5.6 -> 5.1, but down (2048x5632), faster alone
+            # (10.8 -> 10.4), was slower after gate/up (10.7 -> 11.4): it stays on tensor cores
             if n < 1024:
                 return 1, 2048, 4, 1, False
             return (1, 2048, 2, 1, False) if n < 2048 else (2, 2048 if n <= 2048 else 1024, 2, 1, False)
