@@ -840,7 +840,9 @@ def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tu
             # (10.8 -> 10.4), was slower after gate/up (10.7 -> 11.4): it stays on tensor cores
             if n < 1024:
                 return 1, 2048, 4, 1, False
-            return (1, 2048, 2, 1, False) if n < 2048 else (2, 2048 if n <= 2048 else 1024, 2, 1, False)
+            if n < 2048:
+                return 1, 2048, 2, 1, False
+            return 2, 2048 if n == 2048 else 1024, 2, 1, False
         if small and batch <= 4 and n <= 512:
             return 2, 2048, 4, 1, False
         # tensor cores: 16 rows a program, two MMA steps a loop turn, loads a turn ahead in
@@ -866,7 +868,7 @@ def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tu
         if gated:
             return 4, 2048, 4, 1, False
         return (2, 1024, 4, 1, False) if 2048 < n < 4096 else (2, 2048, 2, 1, False)
-    if batch == 2 and (small or mid and n <= 4096 and not gated):
+    if batch == 2 and (small or (mid and n <= 4096 and not gated)):
         # q/k/v and down at batch 2 as well (session 22: 6.8 -> 6.5 us, 11.5 -> 11.0)
         return (2, 2048, 4, 1, False) if n <= 1024 else (4, 1024, 4, 1, False)
     if small and batch <= 4 and n <= 1024:
