@@ -144,7 +144,7 @@ def _nibble_rows(
     N, words_per_row, base, stride_xw, stride_xb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     SLOTS: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr, LATE: tl.constexpr,
-    PAIR: tl.constexpr, HOIST: tl.constexpr,
+    PAIR: tl.constexpr,
 ):
     """fp32 (B_PAD, BLOCK_N): rows pid * BLOCK_N... of one nibble matrix times x, twice (the same
     sums), or with PAIR those of two matrices of one shape (sign_mantissa..., sm1...: gate and up).
@@ -158,14 +158,20 @@ def _nibble_rows(
     120.5: more registers, fewer programs an SM).
 
     PAIR: gate and up share the loop (x loaded and widened once; both matrices' loads in flight
-    together) instead of one loop after the other. HOIST: the escape terms (x at the escapes'
-    columns, loaded after the wait) are summed before the loop and added after it, the same
-    operations as after it (the same bits), with no L2 round trip left at the program's end;
-    otherwise they are summed after the loop.
-    H100, batch 1, tinyllama's four launches of a layer chained under PDL (scratch A/B, session
-    20): 33.0 -> 31.0 us with both (gate/up 15.1 -> 14.9, down 8.4 -> 8.0); PAIR alone lost
-    (gate/up 17.9), and HOIST in 1-warp programs lost a little (o 3.8 -> 3.9; the 8B's o 10.9 ->
-    11.2), so _launch hoists only for PAIR and 2+ warps at batch 1."""
+    together) instead of one loop after the other. H100, batch 1, tinyllama's four launches of a
+    layer chained under PDL (session 20): gate/up 17.9 -> 15.1 us with the escapes as below.
+
+    Escapes: x at the escapes' columns is gathered right after the wait, and the escape terms are
+    summed after the loop, so the gather's L2 round trip overlaps the loop instead of ending the
+    program (summing the terms before the loop, as session 20 did, made the loop wait for the
+    gather: its shuffles came first). At batch 1, x's own loads are issued before the gather,
+    whose address waits on the escape table; with PAIR, a program whose rows have no escape in
+    their tile's slots (most of them: ~0.3 escapes a 2048-weight row) skips the gather and the
+    sums behind a branch, which is also what keeps x's loads ahead of the gather there. The same
+    operations as before, so the same bits. H100, batch 1, each launch alone (session 23,
+    scratch/abl_time.py, 5 rounds in turn): tinyllama gate/up 14.87 -> 13.72 us, o 3.81 -> 3.56,
+    q/k/v 4.39 -> 4.30, down 7.49 -> 7.15, lm_head level (35.8); batch 2, o 4.36 -> 4.07. The
+    branch without PAIR lost (o 3.74, down 7.99: one wave, whose slowest program sets the time)."""
     # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
     # divisibility (it specialises arguments divisible by 16), which is what lets it issue
     # 16-byte loads. EVEN: every tile is full (N % BLOCK_N == 0, K % BK == 0): no masks.
@@ -201,11 +207,21 @@ def _nibble_rows(
         up_packed, up_codes = _row_loads(up_word_ptr, up_code_ptr, row_words, in_tile, row_ok, words_per_row, EVEN)
     if WAIT:
         _wait_for_x(PDL, LATE)
-    if HOIST:
-        taken_out, put_in = _escape_terms(x, tile_escapes, rows, stride_xb, B, B_PAD)
-        if PAIR:
-            up_taken_out, up_put_in = _escape_terms(x, up_escapes, rows, stride_xb, B, B_PAD)
-    xw = _row_x(x_rows, in_tile, batch_ok, words_per_row, EVEN)
+    if B == 1:
+        xw = _row_x(x_rows, in_tile, batch_ok, words_per_row, EVEN)
+    if PAIR:  # gather the escapes' x only where these rows have escapes
+        found = _has_escapes(tile_escapes, rows)
+        xs = tl.zeros((B_PAD, SLOTS), dtype=x.dtype.element_ty)
+        if found:
+            xs = _escape_x(x, tile_escapes, rows, stride_xb, B, B_PAD)
+        up_found = _has_escapes(up_escapes, rows)
+        up_xs = tl.zeros((B_PAD, SLOTS), dtype=x.dtype.element_ty)
+        if up_found:
+            up_xs = _escape_x(x, up_escapes, rows, stride_xb, B, B_PAD)
+    else:
+        xs = _escape_x(x, tile_escapes, rows, stride_xb, B, B_PAD)
+    if B > 1:
+        xw = _row_x(x_rows, in_tile, batch_ok, words_per_row, EVEN)
     acc4 = _row_fmas(acc4, packed, packed_codes, xw, base2, PTX)
     if PAIR:
         up4 = _row_fmas(up4, up_packed, up_codes, xw, up_base2, PTX)
@@ -218,26 +234,33 @@ def _nibble_rows(
         acc4 = _row_fmas(acc4, packed, packed_codes, xw, base2, PTX)
         if PAIR:
             up4 = _row_fmas(up4, up_packed, up_codes, xw, up_base2, PTX)
-    if not HOIST:  # _row_sums sums them after the loop
-        taken_out, put_in, up_taken_out, up_put_in = 0.0, 0.0, 0.0, 0.0
-    acc = _row_sums(acc4, taken_out, put_in, x, tile_escapes, extra, first_extra, last_extra, rows, stride_xb, B,
-                    B_PAD, SLOTS, HOIST)
+    # the escape terms, here rather than in _row_sums: so Triton 3.6 gives gate/up 80 registers,
+    # not 124 (12 programs an SM, not 8)
+    taken_out = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+    put_in = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+    if PAIR:
+        if found:
+            taken_out, put_in = _escape_terms(xs, tile_escapes, rows)
+        up_taken_out = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+        up_put_in = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+        if up_found:
+            up_taken_out, up_put_in = _escape_terms(up_xs, up_escapes, rows)
+    else:
+        taken_out, put_in = _escape_terms(xs, tile_escapes, rows)
+    acc = _row_sums(acc4, taken_out, put_in, x, extra, first_extra, last_extra, rows, stride_xb, B, B_PAD, SLOTS)
     up = acc
     if PAIR:
-        up = _row_sums(up4, up_taken_out, up_put_in, x, up_escapes, up_extra, up_first, up_last, rows, stride_xb, B,
-                       B_PAD, SLOTS, HOIST)
+        up = _row_sums(up4, up_taken_out, up_put_in, x, up_extra, up_first, up_last, rows, stride_xb, B, B_PAD,
+                       SLOTS)
     return acc, up
 
 
 @triton.jit
-def _row_sums(acc4, taken_out, put_in, x, tile_escapes, extra, first_extra, last_extra, rows, stride_xb,
-              B: tl.constexpr, B_PAD: tl.constexpr, SLOTS: tl.constexpr, HOIST: tl.constexpr):
-    """_nibble_rows' result (B_PAD, R): its loop's sums acc4, plus its tile's escape terms
-    (_escape_terms: given when HOIST, summed here otherwise), then the escapes beyond the tile's
-    slots (_escape_sums)."""
+def _row_sums(acc4, taken_out, put_in, x, extra, first_extra, last_extra, rows, stride_xb, B: tl.constexpr,
+              B_PAD: tl.constexpr, SLOTS: tl.constexpr):
+    """_nibble_rows' result (B_PAD, R): its loop's sums acc4, plus the escape terms of its tile's
+    slots (_escape_terms), then the escapes beyond the slots (_escape_sums)."""
     acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
-    if not HOIST:
-        taken_out, put_in = _escape_terms(x, tile_escapes, rows, stride_xb, B, B_PAD)
     acc = acc + taken_out + put_in
     for e0 in range(first_extra, last_extra, SLOTS):  # rare: more escapes than slots
         acc = _escape_sums(acc, x, _extra_escapes(extra, e0, last_extra, SLOTS), rows, stride_xb, B, B_PAD)
@@ -245,16 +268,35 @@ def _row_sums(acc4, taken_out, put_in, x, tile_escapes, extra, first_extra, last
 
 
 @triton.jit
-def _escape_terms(x, packed, rows, stride_xb, B: tl.constexpr, B_PAD: tl.constexpr):
-    """_escape_sums' two terms (B_PAD, R): x times the escapes' loop values taken out, and x times
-    their true values."""
-    col, row, values = _entry_fields(packed)
-    mine = (values != 0)[None, :] & (row[None, :] == (rows % 16)[:, None])  # (R, SLOTS)
-    # x at the columns of these rows' escapes only: a program with none loads nothing (no wait)
-    ours = tl.max(mine.to(tl.int32), axis=0) > 0
+def _mine(packed, rows):
+    """(R, SLOTS): which escapes of a tile (EscapeTable entries, 0 for an empty slot) lie in `rows`."""
+    _, row, values = _entry_fields(packed)
+    return (values != 0)[None, :] & (row[None, :] == (rows % 16)[:, None])
+
+
+@triton.jit
+def _has_escapes(packed, rows):
+    """Whether any of `rows` has an escape among its tile's entries `packed`."""
+    return tl.max(tl.max(_mine(packed, rows).to(tl.int32), axis=1), axis=0) > 0
+
+
+@triton.jit
+def _escape_x(x, packed, rows, stride_xb, B: tl.constexpr, B_PAD: tl.constexpr):
+    """(B_PAD, SLOTS) bf16: x at the columns of the escapes (`packed`) that lie in `rows`, 0 at
+    the others: a program with none loads nothing."""
+    col, _, _ = _entry_fields(packed)
+    ours = tl.max(_mine(packed, rows).to(tl.int32), axis=0) > 0
     batch = tl.arange(0, B_PAD)
-    xs = tl.load(x + batch[:, None] * stride_xb + col[None, :], mask=(batch < B)[:, None] & ours[None, :],
-                 other=0).to(tl.float32)[:, None, :]
+    return tl.load(x + batch[:, None] * stride_xb + col[None, :], mask=(batch < B)[:, None] & ours[None, :], other=0)
+
+
+@triton.jit
+def _escape_terms(xs, packed, rows):
+    """_escape_sums' two terms (B_PAD, R) from xs (_escape_x): x times the escapes' loop values
+    taken out, and x times their true values."""
+    _, _, values = _entry_fields(packed)
+    mine = _mine(packed, rows)
+    xs = xs.to(tl.float32)[:, None, :]
     taken_out = (values << 16).to(tl.float32, bitcast=True)[None, None, :]
     put_in = (values & -65536).to(tl.float32, bitcast=True)[None, None, :]
     out_terms = tl.sum(tl.where(mine[None], xs * taken_out, 0.0), axis=2)
@@ -270,7 +312,7 @@ def _escape_sums(acc, x, packed, rows, stride_xb, B: tl.constexpr, B_PAD: tl.con
     escaped weight away next to the loop's much larger value (and so would, with split K, a
     correction in another split than the one whose sum holds the loop's product). Each product
     of two bf16 values is exact in fp32."""
-    taken_out, put_in = _escape_terms(x, packed, rows, stride_xb, B, B_PAD)
+    taken_out, put_in = _escape_terms(_escape_x(x, packed, rows, stride_xb, B, B_PAD), packed, rows)
     return acc + taken_out + put_in
 
 
@@ -637,7 +679,7 @@ def _nibble_block(
     N, words_per_row, base, stride_xw, stride_xb, span, warp_words,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PTX: tl.constexpr,
-    PDL: tl.constexpr, EARLY: tl.constexpr, LATE: tl.constexpr, HOIST: tl.constexpr,
+    PDL: tl.constexpr, EARLY: tl.constexpr, LATE: tl.constexpr,
 ):
     """One program's rows of one matrix (`escapes`, `slots`: its EscapeTable). EARLY: it waits
     for its inputs itself (PDL), after its first weight loads."""
@@ -648,7 +690,7 @@ def _nibble_block(
     else:
         acc, _ = _nibble_rows(x, sign_mantissa, codes, escapes, slots, sign_mantissa, codes, escapes, slots, base,
                               pid, N, words_per_row, base, stride_xw, stride_xb, B, B_PAD, BLOCK_N, BK, EVEN, SLOTS,
-                              PTX, PDL, EARLY, LATE, False, HOIST)
+                              PTX, PDL, EARLY, LATE, False)
     return acc
 
 
@@ -662,7 +704,7 @@ def _nibble_kernel(
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr,
     SPLIT: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr,
-    PTX: tl.constexpr, EARLY: tl.constexpr, HOIST: tl.constexpr, PAIR: tl.constexpr,
+    PTX: tl.constexpr, EARLY: tl.constexpr, PAIR: tl.constexpr,
 ):
     # Up to three matrices of the same input width in one launch (q/k/v): programs [0, p1) take
     # matrix 0, [p1, p2) matrix 1, the rest matrix 2, each writing its own columns of `out`.
@@ -689,16 +731,16 @@ def _nibble_kernel(
         elif PAIR and not USE_DOT:
             gate, up = _nibble_rows(x, sm0, codes0, et0, es0, sm1, codes1, et1, es1, base1, pid, n0, words_per_row,
                                     base0, stride_xw, stride_xb, B, B_PAD, BLOCK_N, BK, EVEN, SLOTS, PTX, PDL, EARLY,
-                                    True, True, HOIST)
+                                    True, True)
         else:
             if not EARLY:
                 wait_for_inputs(PDL)
             gate = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
                                  stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
-                                 SLOTS, PTX, PDL, EARLY, True, HOIST)
+                                 SLOTS, PTX, PDL, EARLY, True)
             up = _nibble_block(x, sm1, codes1, et1, es1, pid, n0, words_per_row, base1, stride_xw,
                                stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
-                               SLOTS, PTX, PDL, False, True, HOIST)
+                               SLOTS, PTX, PDL, False, True)
         _emit(out, partials, counters, gate, up, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, True, SPLIT, PDL,
               LATE)
     else:
@@ -710,21 +752,21 @@ def _nibble_kernel(
         if seg == 0:
             acc = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
                                 stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
-                                SLOTS, PTX, PDL, EARLY, LATE, HOIST)
+                                SLOTS, PTX, PDL, EARLY, LATE)
             _emit(out, partials, counters, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT,
                   PDL, LATE)
         if SEGMENTS >= 2:
             if seg == 1:
                 acc = _nibble_block(x, sm1, codes1, et1, es1, pid - p1, n1, words_per_row, base1,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
-                                    DOT_FP32, WARPS, SLOTS, PTX, PDL, EARLY, LATE, HOIST)
+                                    DOT_FP32, WARPS, SLOTS, PTX, PDL, EARLY, LATE)
                 _emit(out + n0, partials + n0, counters, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD,
                       BLOCK_N, False, SPLIT, PDL, LATE)
         if SEGMENTS == 3:
             if seg == 2:
                 acc = _nibble_block(x, sm2, codes2, et2, es2, pid - p2, n2, words_per_row, base2,
                                     stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
-                                    DOT_FP32, WARPS, SLOTS, PTX, PDL, EARLY, LATE, HOIST)
+                                    DOT_FP32, WARPS, SLOTS, PTX, PDL, EARLY, LATE)
                 _emit(out + n0 + n1, partials + n0 + n1, counters, acc, acc, pid - p2, n2, stride_ob, stride_pb, B,
                       B_PAD, BLOCK_N, False, SPLIT, PDL, LATE)
 
@@ -910,9 +952,8 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         # the programs load their first turn of weights before they wait for x: on CUDA cores
         # (_nibble_rows), and on tensor cores with two MMA steps a loop turn (_nibble_rows_dot)
         flags["EARLY"] = not use_dot or bk == 128
-        # CUDA cores: gate and up in one loop; escape terms before the loop (_nibble_rows)
+        # CUDA cores: gate and up in one loop (_nibble_rows)
         flags["PAIR"] = gated and not use_dot
-        flags["HOIST"] = flags["PAIR"] or (batch == 1 and warps >= 2)
     else:
         scalars = (k,)
     programs = [triton.cdiv(n, block_n) for n in rows]
