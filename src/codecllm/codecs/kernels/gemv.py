@@ -168,10 +168,13 @@ def _nibble_rows(
     whose address waits on the escape table; with PAIR, a program whose rows have no escape in
     their tile's slots (most of them: ~0.3 escapes a 2048-weight row) skips the gather and the
     sums behind a branch, which is also what keeps x's loads ahead of the gather there. The same
-    operations as before, so the same bits. H100, batch 1, each launch alone (session 23,
-    scratch/abl_time.py, 5 rounds in turn): tinyllama gate/up 14.87 -> 13.72 us, o 3.81 -> 3.56,
-    q/k/v 4.39 -> 4.30, down 7.49 -> 7.15, lm_head level (35.8); batch 2, o 4.36 -> 4.07. The
-    branch without PAIR lost (o 3.74, down 7.99: one wave, whose slowest program sets the time)."""
+    operations as before, so the same bits. H100, each launch alone (session 23, 5 rounds in
+    turn): batch 1, tinyllama gate/up 14.65 -> 13.70 us, o 3.78 -> 3.52, q/k/v 4.37 -> 4.27, down
+    7.37 -> 7.11, lm_head 35.9 -> 35.8, the 8B's gate/up 62.5 -> 62.8; batch 2, o 4.43 -> 4.19.
+    In the decode step the gain mostly goes: profiled per kernel at batch 1, tinyllama's gate/up
+    took 13.35 -> 13.22 us (its weights load before its PDL wait there, behind the RMSNorm), and
+    the step was level, as were both models end to end. The branch without PAIR lost alone (o
+    3.74, down 7.99: one wave, whose slowest program sets the time)."""
     # words_per_row = K / 4 comes in as an argument, not computed here: Triton then knows its
     # divisibility (it specialises arguments divisible by 16), which is what lets it issue
     # 16-byte loads. EVEN: every tile is full (N % BLOCK_N == 0, K % BK == 0): no masks.
