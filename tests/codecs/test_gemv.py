@@ -307,3 +307,21 @@ def test_ptx_decode_gives_each_weights_bf16_bits():
         weight = [((word >> 8 * j & 0x80) << 8) | (codes[j] + base) << 7 | (word >> 8 * j & 0x7F) for j in range(4)]
         regs = _run_ptx(_PAIRS_PTX.value, {"$2": word, "$3": packed_codes, "$4": base << 7 | base << 23})
         assert (regs["$0"], regs["$1"]) == (weight[0] | weight[2] << 16, weight[1] | weight[3] << 16), hex(word)
+
+
+def test_which_launches_let_the_next_kernel_in_late():
+    """PDL trigger placement (_late_trigger): gate/up launches let down launch after their loops,
+    but nibble's on CUDA cores below EARLY_GATED_WEIGHTS (tinyllama's at batch 1, 23 M weights)
+    let it in right after their wait; the 8B's (117 M) stay late. Non-gated launches trigger
+    early, but nibble ones on tensor cores of LATE_TRIGGER_WEIGHTS or more."""
+    from codecllm.codecs.kernels.gemv import _late_trigger
+
+    tinyllama_gate_up, llama8b_gate_up = 2 * 5632 * 2048, 2 * 14336 * 4096
+    assert not _late_trigger(nibble=True, gated=True, use_dot=False, weights=tinyllama_gate_up)
+    assert _late_trigger(nibble=True, gated=True, use_dot=False, weights=llama8b_gate_up)
+    assert _late_trigger(nibble=True, gated=True, use_dot=True, weights=tinyllama_gate_up)
+    assert _late_trigger(nibble=False, gated=True, use_dot=False, weights=tinyllama_gate_up)
+    assert not _late_trigger(nibble=True, gated=False, use_dot=False, weights=128256 * 4096)
+    assert _late_trigger(nibble=True, gated=False, use_dot=True, weights=14336 * 4096)
+    assert not _late_trigger(nibble=True, gated=False, use_dot=True, weights=2048 * 2048)
+    assert not _late_trigger(nibble=False, gated=False, use_dot=True, weights=14336 * 4096)

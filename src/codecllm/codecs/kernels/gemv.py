@@ -51,6 +51,9 @@ ESCAPE_TILE = 16  # rows a tensor-core program takes, and rows per tile of its e
 # PDL: a nibble launch on tensor cores (batches 2-8) of this many weights or more lets the next
 # kernel launch after its loops, not right after its wait (see _nibble_kernel)
 LATE_TRIGGER_WEIGHTS = 1 << 24
+# PDL: a nibble gate/up launch on CUDA cores (batch 1) of fewer weights than this lets the next
+# kernel (down) launch right after its wait, larger ones after their loops (see _nibble_kernel)
+EARLY_GATED_WEIGHTS = 1 << 25
 # nibble weights decoded by PTX byte permutes on NVIDIA GPUs (_bf16_pairs); the GPU tests switch
 # it off to compare the bits with the integer decode, the one the interpreter (and ROCm) runs
 PTX_DECODE = True
@@ -720,10 +723,15 @@ def _nibble_kernel(
     # where LATE: those launches let the next kernel launch after their loops (_emit). The gated
     # launch is followed by the down projection, another GEMV, whose programs, placed while
     # gate/up runs, would go to the SMs that gate/up leaves free first, unevenly (nibble down at
-    # batch 1: 10.3 -> 14.1 us). Nibble launches on tensor cores of LATE_TRIGGER_WEIGHTS or more
-    # (the 8B's, not tinyllama's) ran faster so too: 8B at batch 8, 1.071x -> 1.103x of bf16,
-    # timed in turn. At batch 1 (CUDA cores, thousands of programs) the 8B ran slower so (1.256x
-    # -> 1.206x), and tinyllama's launches at batch 8 gained nothing (1.016x -> 1.006x).
+    # batch 1: 10.3 -> 14.1 us, session 17). Since then nibble's down got faster, and on tinyllama
+    # (gate/up of 23 M weights, down 2048 programs) letting it in early pays at batch 1: profiled
+    # per kernel in the step (session 23, two runs), gate/up 13.2 -> 15.0 us but down 8.8 -> 6.3,
+    # the step -1.3% / -1.4%. On the 8B (117 M) both got slower (gate/up 59.3 -> 62.0, down 32.0 ->
+    # 35.0, step +3.7%): so only below EARLY_GATED_WEIGHTS. Nibble launches on tensor cores of
+    # LATE_TRIGGER_WEIGHTS or more (the 8B's, not tinyllama's) ran faster late too: 8B at batch 8,
+    # 1.071x -> 1.103x of bf16, timed in turn. At batch 1 (CUDA cores, thousands of programs) the
+    # 8B ran slower so (1.256x -> 1.206x), and tinyllama's launches at batch 8 gained nothing
+    # (1.016x -> 1.006x).
     # EARLY: the programs load their first turn of weights before they wait.
     pid = tl.program_id(0)
     if GATED:
@@ -734,7 +742,7 @@ def _nibble_kernel(
         elif PAIR and not USE_DOT:
             gate, up = _nibble_rows(x, sm0, codes0, et0, es0, sm1, codes1, et1, es1, base1, pid, n0, words_per_row,
                                     base0, stride_xw, stride_xb, B, B_PAD, BLOCK_N, BK, EVEN, SLOTS, PTX, PDL, EARLY,
-                                    True, True)
+                                    LATE, True)
         else:
             if not EARLY:
                 wait_for_inputs(PDL)
@@ -974,9 +982,18 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         x2d, out, partials, counters, *[arg for segment in padded for arg in segment], *starts, span, *scalars,
         x2d.stride(0), out.stride(0), partials.stride(-2), B=batch, BLOCK_N=block_n, BK=bk, num_warps=warps,
         num_stages=stages, maxnreg=maxnreg, SEGMENTS=len(segments), GATED=gated, SPLIT=splits, **flags,
-        LATE=gated or (nibble and use_dot and sum(rows) * k >= LATE_TRIGGER_WEIGHTS), **pdl.launch_options(out.device),
+        LATE=_late_trigger(nibble, gated, use_dot, sum(rows) * k), **pdl.launch_options(out.device),
     )
     return out
+
+
+def _late_trigger(nibble: bool, gated: bool, use_dot: bool, weights: int) -> bool:
+    """Whether a launch lets the next kernel launch only after its loops (PDL; see _nibble_kernel):
+    gate/up launches, but nibble's on CUDA cores of fewer than EARLY_GATED_WEIGHTS, and nibble
+    launches on tensor cores of LATE_TRIGGER_WEIGHTS or more."""
+    if gated:
+        return not (nibble and not use_dot and weights < EARLY_GATED_WEIGHTS)
+    return nibble and use_dot and weights >= LATE_TRIGGER_WEIGHTS
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
