@@ -20,25 +20,26 @@ from codecllm.codecs.kernels.bf16 import bf16_round as _bf16_round
 from codecllm.codecs.kernels.bf16 import load_bf16 as _load_bf16
 from codecllm.codecs.kernels.bf16 import silu_times
 from codecllm.codecs.kernels.bf16 import store_bf16 as _store_bf16
-from codecllm.codecs.kernels.pdl import launch_next, launch_options, wait_for_inputs
+from codecllm.codecs.kernels.pdl import launch_next, launch_options, prefetch_to_l2, wait_for_inputs
 from codecllm.codecs.kernels_available import interpreting, sm_count
 
 
 @triton.jit
 def _rms_norm_kernel(x, delta, weight, out, summed, D, eps, ADD: tl.constexpr, BLOCK: tl.constexpr,
                      PDL: tl.constexpr):
+    cols = tl.arange(0, BLOCK)
+    ok = cols < D
+    scale_by = _load_bf16(weight + cols, ok)  # a model weight: read before the wait (see pdl.py)
     wait_for_inputs(PDL)
     launch_next(PDL)
     row = tl.program_id(0).to(tl.int64) * D
-    cols = tl.arange(0, BLOCK)
-    ok = cols < D
     v = _load_bf16(x + row + cols, ok)
     if ADD:  # the residual stream: x + delta, rounded to bf16 as the eager add does
         v = _bf16_round(v + _load_bf16(delta + row + cols, ok))
         _store_bf16(summed + row + cols, v, ok)
     scale = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / D + eps)
     normed = _bf16_round(v * scale)  # F.rms_norm in fp32, then .to(bf16)
-    _store_bf16(out + row + cols, normed * _load_bf16(weight + cols, ok), ok)
+    _store_bf16(out + row + cols, normed * scale_by, ok)
 
 
 def _rows_of(x: torch.Tensor) -> torch.Tensor:
@@ -76,14 +77,22 @@ def _warps(d: int) -> int:
 
 
 @triton.jit
-def _rotate(src, dst, cos, sin, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr):
+def _rope_table(cos, sin, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr):
+    """A token's cos and sin row (pointers), as _rotate takes them: both halves of each."""
+    cols = tl.arange(0, HALF_BLOCK)
+    ok = cols < HALF
+    return (_load_bf16(cos + cols, ok), _load_bf16(sin + cols, ok), _load_bf16(cos + HALF + cols, ok),
+            _load_bf16(sin + HALF + cols, ok))
+
+
+@triton.jit
+def _rotate(src, dst, table, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr):
     """One head: dst = src * cos + rotate_half(src) * sin, rounded after each op as the eager
-    bf16 code does. cos, sin point at this token's table row."""
+    bf16 code does; `table` is the token's cos and sin (_rope_table)."""
+    c1, s1, c2, s2 = table
     cols = tl.arange(0, HALF_BLOCK)
     ok = cols < HALF
     first, second = _load_bf16(src + cols, ok), _load_bf16(src + HALF + cols, ok)
-    c1, s1 = _load_bf16(cos + cols, ok), _load_bf16(sin + cols, ok)
-    c2, s2 = _load_bf16(cos + HALF + cols, ok), _load_bf16(sin + HALF + cols, ok)
     _store_bf16(dst + cols, _bf16_round(first * c1) + _bf16_round(-second * s1), ok)
     _store_bf16(dst + HALF + cols, _bf16_round(second * c2) + _bf16_round(first * s2), ok)
 
@@ -97,7 +106,7 @@ def _rope_kernel(x, cos, sin, out, H, T, stride_b, stride_h, stride_t, cs_stride
     b = pid // (T * H)
     table = b.to(tl.int64) * cs_stride_b + t * D
     _rotate(x + b.to(tl.int64) * stride_b + h * stride_h + t * stride_t, out + pid.to(tl.int64) * D,
-            cos + table, sin + table, HALF, HALF_BLOCK)
+            _rope_table(cos + table, sin + table, HALF, HALF_BLOCK), HALF, HALF_BLOCK)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -118,21 +127,23 @@ def _rope_kv_kernel(q, k, v, cos, sin, q_out, k_cache, v_cache, slot, H, HKV, L,
                     PDL: tl.constexpr):
     # One program per (sequence, head): query heads are rotated into q_out, key heads rotated
     # straight into the cache at `slot` (read on the device, so a CUDA graph can replay this),
-    # value heads copied there.
-    wait_for_inputs(PDL)
-    launch_next(PDL)
+    # value heads copied there. The cos and sin row and the slot are read before the wait: no
+    # kernel of the step writes them right before this one (see pdl.py).
     pid = tl.program_id(0)
     b = pid // (H + HKV)
     h = pid % (H + HKV)
     table = b.to(tl.int64) * cs_stride_b
+    rows = _rope_table(cos + table, sin + table, HALF, HALF_BLOCK)
+    at_slot = tl.load(slot)
+    wait_for_inputs(PDL)
+    launch_next(PDL)
     if h < H:
-        _rotate(q + b.to(tl.int64) * stride_qb + h * D, q_out + (b * H + h).to(tl.int64) * D,
-                cos + table, sin + table, HALF, HALF_BLOCK)
+        _rotate(q + b.to(tl.int64) * stride_qb + h * D, q_out + (b * H + h).to(tl.int64) * D, rows, HALF,
+                HALF_BLOCK)
     else:
         kv_head = h - H
-        at = ((b * HKV + kv_head).to(tl.int64) * L + tl.load(slot)) * D
-        _rotate(k + b.to(tl.int64) * stride_kb + kv_head * D, k_cache + at, cos + table, sin + table,
-                HALF, HALF_BLOCK)
+        at = ((b * HKV + kv_head).to(tl.int64) * L + at_slot) * D
+        _rotate(k + b.to(tl.int64) * stride_kb + kv_head * D, k_cache + at, rows, HALF, HALF_BLOCK)
         cols = tl.arange(0, 2 * HALF_BLOCK)
         ok = cols < D
         row = tl.load((v + b.to(tl.int64) * stride_vb + kv_head * D + cols).to(tl.pointer_type(tl.uint16)), mask=ok)
@@ -215,9 +226,8 @@ def _attend(k, v, mask, b, cache, qt, heads, dims, begin, end, mask_stride_b, sc
 def _decode_attention_kernel(q, k, v, mask, slot, out, part_acc, part_ml, arrivals, L, mask_stride_b, scale,
                              HKV: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                              BLOCK: tl.constexpr, SPLITS: tl.constexpr, MIN_RUN: tl.constexpr,
-                             SPLIT_FROM: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
-    launch_next(PDL)
+                             SPLIT_FROM: tl.constexpr, DOT_FP32: tl.constexpr, WARPS: tl.constexpr,
+                             PDL: tl.constexpr):
     # Program (i, s), i = (sequence, KV head), attends its GROUP query heads to the s-th run of
     # cache positions 0..slot. Under SPLIT_FROM positions there is one run; from there on runs
     # are whole BLOCKs, as even as may be, at least MIN_RUN long, so fewer than SPLITS of them
@@ -225,14 +235,24 @@ def _decode_attention_kernel(q, k, v, mask, slot, out, part_acc, part_ml, arriva
     # with more, each stores its partial (max, sum, unnormalised output) and the last program of
     # i to arrive merges them in run order. A fixed order and no float atomics: the same inputs
     # give the same bits on every run.
+    # Before the wait (see pdl.py): the slot, and L2 warmed with the run's cache rows and mask
+    # (rope_kv_write, the kernel before, writes only the newest row, and into L2).
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n = tl.load(slot).to(tl.int32) + 1
     run = tl.maximum(tl.cdiv(tl.cdiv(n, SPLITS), BLOCK) * BLOCK, MIN_RUN)
     run = tl.where(n < SPLIT_FROM, n, run)
     runs = tl.cdiv(n, run)
+    begin = split * run
+    end = tl.minimum(begin + run, n)
+    cache = pid.to(tl.int64) * L * D
+    prefetch_to_l2(k + cache + begin * D, (end - begin) * D, WARPS, PDL)
+    prefetch_to_l2(v + cache + begin * D, (end - begin) * D, WARPS, PDL)
+    b = pid // HKV
+    prefetch_to_l2(mask + b.to(tl.int64) * mask_stride_b + begin, end - begin, WARPS, PDL)
+    wait_for_inputs(PDL)
+    launch_next(PDL)
     if split < runs:
-        b = pid // HKV
         heads = tl.arange(0, G_PAD)
         dims = tl.arange(0, D)
         q_rows = pid * GROUP + heads  # q is (B, HKV * GROUP, 1, D)
@@ -240,9 +260,8 @@ def _decode_attention_kernel(q, k, v, mask, slot, out, part_acc, part_ml, arriva
         qt = tl.load(q + q_rows[:, None] * D + dims[None, :], mask=head_ok[:, None], other=0.0)
         if DOT_FP32:
             qt = qt.to(tl.float32)
-        begin = split * run
-        m_i, l_i, acc = _attend(k, v, mask, b, pid.to(tl.int64) * L * D, qt, heads, dims, begin,
-                                tl.minimum(begin + run, n), mask_stride_b, scale, G_PAD, D, BLOCK, DOT_FP32)
+        m_i, l_i, acc = _attend(k, v, mask, b, cache, qt, heads, dims, begin, end, mask_stride_b, scale, G_PAD, D,
+                                BLOCK, DOT_FP32)
         outs = out + q_rows[:, None] * D + dims[None, :]
         if runs == 1:
             _store_bf16(outs, acc / l_i[:, None], head_ok[:, None])
@@ -336,7 +355,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.contiguous(), k_cache, v_cache, mask, slot, out, part_acc, part_ml, arrivals, length, mask.stride(0),
         1.0 / d**0.5, HKV=hkv, GROUP=group, G_PAD=g_pad, D=d, BLOCK=block, SPLITS=splits,
         MIN_RUN=max(block, ATTENTION_MIN_RUN // block * block), SPLIT_FROM=ATTENTION_SPLIT_FROM,
-        DOT_FP32=interpreting(), num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES, **launch_options(q.device))
+        DOT_FP32=interpreting(), WARPS=ATTENTION_WARPS, num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
+        **launch_options(q.device))
     return out
 
 
