@@ -217,14 +217,8 @@ def _nibble_rows(
     if B == 1:
         xw = _row_x(x_rows, in_tile, batch_ok, words_per_row, EVEN)
     if PAIR:  # gather the escapes' x only where these rows have escapes
-        found = _has_escapes(tile_escapes, rows)
-        xs = tl.zeros((B_PAD, SLOTS), dtype=x.dtype.element_ty)
-        if found:
-            xs = _escape_x(x, tile_escapes, rows, stride_xb, B, B_PAD)
-        up_found = _has_escapes(up_escapes, rows)
-        up_xs = tl.zeros((B_PAD, SLOTS), dtype=x.dtype.element_ty)
-        if up_found:
-            up_xs = _escape_x(x, up_escapes, rows, stride_xb, B, B_PAD)
+        found, xs = _escape_x_if_any(x, tile_escapes, rows, stride_xb, B, B_PAD, SLOTS)
+        up_found, up_xs = _escape_x_if_any(x, up_escapes, rows, stride_xb, B, B_PAD, SLOTS)
     else:
         xs = _escape_x(x, tile_escapes, rows, stride_xb, B, B_PAD)
     if B > 1:
@@ -243,15 +237,9 @@ def _nibble_rows(
             up4 = _row_fmas(up4, up_packed, up_codes, xw, up_base2, PTX)
     # the escape terms, here rather than in _row_sums: so Triton 3.6 gives gate/up 80 registers,
     # not 124 (12 programs an SM, not 8)
-    taken_out = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
-    put_in = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
     if PAIR:
-        if found:
-            taken_out, put_in = _escape_terms(xs, tile_escapes, rows)
-        up_taken_out = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
-        up_put_in = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
-        if up_found:
-            up_taken_out, up_put_in = _escape_terms(up_xs, up_escapes, rows)
+        taken_out, put_in = _escape_terms_if(found, xs, tile_escapes, rows, B_PAD, BLOCK_N)
+        up_taken_out, up_put_in = _escape_terms_if(up_found, up_xs, up_escapes, rows, B_PAD, BLOCK_N)
     else:
         taken_out, put_in = _escape_terms(xs, tile_escapes, rows)
     acc = _row_sums(acc4, taken_out, put_in, x, extra, first_extra, last_extra, rows, stride_xb, B, B_PAD, SLOTS)
@@ -309,6 +297,27 @@ def _escape_terms(xs, packed, rows):
     out_terms = tl.sum(tl.where(mine[None], xs * taken_out, 0.0), axis=2)
     in_terms = tl.sum(tl.where(mine[None], xs * put_in, 0.0), axis=2)
     return out_terms, in_terms
+
+
+@triton.jit
+def _escape_x_if_any(x, packed, rows, stride_xb, B: tl.constexpr, B_PAD: tl.constexpr, SLOTS: tl.constexpr):
+    """(whether any of `rows` has an escape in `packed`, _escape_x): the gather behind a branch,
+    zeros where there is none."""
+    found = _has_escapes(packed, rows)
+    xs = tl.zeros((B_PAD, SLOTS), dtype=x.dtype.element_ty)
+    if found:
+        xs = _escape_x(x, packed, rows, stride_xb, B, B_PAD)
+    return found, xs
+
+
+@triton.jit
+def _escape_terms_if(found, xs, packed, rows, B_PAD: tl.constexpr, R: tl.constexpr):
+    """_escape_terms where `found` (_escape_x_if_any), zeros otherwise."""
+    taken_out = tl.zeros((B_PAD, R), dtype=tl.float32)
+    put_in = tl.zeros((B_PAD, R), dtype=tl.float32)
+    if found:
+        taken_out, put_in = _escape_terms(xs, packed, rows)
+    return taken_out, put_in
 
 
 @triton.jit
