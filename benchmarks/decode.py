@@ -15,6 +15,9 @@ lm_head shares it (`step_bytes`).
 nibble_vs_bf16_paired: the nibble graph against our bf16 Triton graph, both models loaded, timed in
 turn (--pairs rounds, the order flipped every round), one ratio a round: rows measured a minute
 apart differ by a few percent on their own (clocks, host), more than the two differ at batch 8.
+nibble_vs_bf16_step_replay: the same two captured decode steps replayed alone from the prompt's
+slot, timed in turn by CUDA events (`step_replays`): the GPU's time per token without the host's
+per-token work (the token copy and Python loop of generate), within ~0.5% from round to round.
 """
 
 from __future__ import annotations
@@ -93,6 +96,32 @@ def paired_ratio(reference, candidate, new: int, rounds: int) -> dict:
         ratios.append(c / r)
     return {"rounds": rounds, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
             "ratios": ratios}
+
+
+def step_replays(models: dict, batch: int, first_slot: int, steps: int, rounds: int) -> dict:
+    """Each model's captured decode step alone, timed in turn (the order flips every round):
+    `steps` replays of its graph from the prompt's slot on (DecodeGraph.time_steps), tok/s per
+    round, and the ratio of the second model to the first a round. No host work between steps, so
+    this is the GPU's time per token; decode_speed's rounds also time the host's per-token work,
+    which makes them spread far more (25% at batch 1, against ~0.5% here)."""
+    graphs = {}
+    for label, model in models.items():
+        fits = [g for g in model.decode_graphs if g.token.shape[0] == batch and g.cache.max_len >= first_slot + steps]
+        graphs[label] = min(fits, key=lambda g: g.cache.max_len)  # the one its generate used
+    speeds = {label: [] for label in graphs}
+    order = list(graphs)
+    with torch.inference_mode():
+        for graph in graphs.values():
+            graph.time_steps(steps, first_slot)  # warm
+        for i in range(rounds):
+            for label in order if i % 2 == 0 else order[::-1]:
+                speeds[label].append(batch * steps / graphs[label].time_steps(steps, first_slot))
+    reference, candidate = order
+    ratios = [c / r for c, r in zip(speeds[candidate], speeds[reference])]
+    result = {label: {"median": statistics.median(v), "min": min(v), "max": max(v)} for label, v in speeds.items()}
+    result.update({"rounds": rounds, "steps": steps, "median": statistics.median(ratios), "min": min(ratios),
+                   "max": max(ratios), "ratios": ratios})
+    return result
 
 
 def same_steps(tokens, reference) -> int:
@@ -220,6 +249,12 @@ def report(payload: dict) -> str:
         lines.append(f"nibble / bf16 (Triton GEMV) graph, timed in turn: median {paired['median']:.3f}x over "
                      f"{paired['rounds']} rounds ({paired['min']:.3f}-{paired['max']:.3f}), rounds: "
                      + " ".join(f"{r:.3f}" for r in paired["ratios"]))
+    replayed = payload.get("nibble_vs_bf16_step_replay")
+    if replayed:
+        lines.append(f"decode steps replayed alone (GPU time, {replayed['steps']} steps, {replayed['rounds']} "
+                     f"rounds in turn): bf16 {replayed['bf16']['median']:.1f} tok/s, nibble "
+                     f"{replayed['nibble']['median']:.1f} tok/s, nibble / bf16 median {replayed['median']:.3f}x "
+                     f"({replayed['min']:.3f}-{replayed['max']:.3f})")
     for label, tok_s in payload["prefill_tok_s"].items():
         lines.append(f"prefill {label}: {tok_s:.0f} tok/s")
     lines.append(f"{payload['model']}; prompt {payload['prompt']}, {payload['new']} new tokens, batch "
@@ -273,7 +308,7 @@ def main() -> None:
     record("codecllm bf16 CUDA graph (cuBLAS)", r)
     graph_cublas_tokens = r["tokens"]
     del model
-    bf16_graph = paired = None
+    bf16_graph = paired = replayed = None
     no_pdl = "nopdl" not in skip and pdl.enabled(torch.device("cuda"))
 
     def plain_launch_row(label, **options):  # the same graph captured without PDL launches (pdl.py)
@@ -294,6 +329,10 @@ def main() -> None:
             paired = paired_ratio(bf16_graph.timed_generate, model.timed_generate, args.new, args.pairs)
             print(f"nibble / bf16 (Triton GEMV) graph, {args.pairs} paired rounds: median {paired['median']:.3f}x "
                   f"({paired['min']:.3f}-{paired['max']:.3f})", flush=True)
+            replayed = step_replays({"bf16": bf16_graph, "nibble": model}, args.batch, args.prompt, args.new - 1,
+                                    args.pairs)
+            print(f"nibble / bf16 step graphs replayed alone, {args.pairs} rounds: median {replayed['median']:.3f}x "
+                  f"({replayed['min']:.3f}-{replayed['max']:.3f})", flush=True)
         del model
     del bf16_graph
     if "huffman" not in skip:  # encoded once, each policy set on the same model
@@ -336,7 +375,8 @@ def main() -> None:
         r.pop("tokens", None)
     payload = {"model": args.model, "prompt": args.prompt, "new": args.new, "batch": args.batch,
                "copy_bandwidth": bandwidth,
-               "rows": rows, "nibble_vs_bf16_paired": paired, "prefill_tok_s": prefill, "environment": env}
+               "rows": rows, "nibble_vs_bf16_paired": paired, "nibble_vs_bf16_step_replay": replayed,
+               "prefill_tok_s": prefill, "environment": env}
     text = report(payload)
     print(f"\n{text}")
     name = args.name or (f"decode-{args.model}" + (f"-b{args.batch}" if args.batch > 1 else "")

@@ -6,7 +6,8 @@ Every figure is copied from a result file written by another script (named in "s
 nothing here is measured or typed in. `nibble_vs_bf16` is the median of decode.py's rounds that
 time the nibble and bf16 graphs in turn (`nibble_vs_bf16_paired` has its range) where a run has
 them; `nibble_vs_bf16_rows` divides the two rows, each timed on its own a minute apart, which
-moves by several percent between runs.
+moves by several percent between runs; `nibble_vs_bf16_step_replay` is the two captured decode
+steps replayed alone in turn (the GPU's time per token, without the host's per-token work).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def main() -> None:
         paired = data.get("nibble_vs_bf16_paired")
         paired = {k: paired[k] for k in ("median", "min", "max", "rounds")} if paired else None
         rows_ratio = nibble["tok_s"] / best_bf16["tok_s"] if "tok_s" in nibble else None
+        replayed = data.get("nibble_vs_bf16_step_replay")
+        replayed = {"median": replayed["median"], "min": replayed["min"], "max": replayed["max"],
+                    "rounds": replayed["rounds"], "bf16_tok_s": replayed["bf16"]["median"],
+                    "nibble_tok_s": replayed["nibble"]["median"]} if replayed else None
         if data.get("prompt", 128) != 128:  # decode-MODEL-pP: a long prompt (the goals are for 128)
             summary.setdefault("long_prompt", {}).setdefault(model, {})[str(data["prompt"])] = {
                 "batch": batch, "new": data["new"], "codecllm_bf16_tok_s": best_bf16["tok_s"],
@@ -54,7 +59,8 @@ def main() -> None:
                                ("codecllm_nibble_tok_s_by_batch", nibble.get("tok_s")),
                                ("nibble_vs_bf16_by_batch", paired["median"] if paired else rows_ratio),
                                ("nibble_vs_bf16_rows_by_batch", rows_ratio),
-                               ("nibble_vs_bf16_paired_by_batch", paired)):
+                               ("nibble_vs_bf16_paired_by_batch", paired),
+                               ("nibble_vs_bf16_step_replay_by_batch", replayed)):
                 summary.setdefault(key, {}).setdefault(model, {})[str(batch)] = value
             summary["sources"].append(path.name)
             continue
@@ -79,6 +85,7 @@ def main() -> None:
             summary["nibble_vs_bf16"][model] = paired["median"] if paired else rows_ratio
             summary.setdefault("nibble_vs_bf16_rows", {})[model] = rows_ratio
             summary.setdefault("nibble_vs_bf16_paired", {})[model] = paired
+            summary.setdefault("nibble_vs_bf16_step_replay", {})[model] = replayed
             summary["nibble_weight_fraction"][model] = nibble["weights_held"] / nibble["weights_original"]
         summary.update(gpu=data["environment"]["gpu"], date=data["environment"]["date"],
                        torch=data["environment"]["torch"])

@@ -71,6 +71,8 @@ def test_each_stored_result_renders_with_its_rows(name, path):
     assert not missing, f"{path.name}: rows not in the report: {missing}"
     date = payload.get("environment", {}).get("date")
     assert date is None or date in text
+    replayed = payload.get("nibble_vs_bf16_step_replay")  # decode.py's step graphs replayed alone
+    assert not replayed or f"nibble / bf16 median {replayed['median']:.3f}x" in text
 
 
 def test_a_bare_prompt_is_refused_where_a_list_of_prompts_is_expected():

@@ -50,6 +50,12 @@ class Model:
             )
         return possible if self.cuda_graphs is None else bool(self.cuda_graphs)
 
+    @property
+    def decode_graphs(self) -> list:
+        """The decode steps captured so far (`generate.DecodeGraph`, one per batch size, cache
+        length and sampling mode)."""
+        return list(self._graphs.values())
+
     # ---- text ----------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:

@@ -256,6 +256,30 @@ class DecodeGraph:
     def finish(self) -> None:
         self.cache.slot = None
 
+    def time_steps(self, steps: int, first_slot: int) -> float:
+        """Seconds that `steps` replays of the captured step take on the GPU, from cache slot
+        `first_slot` on (as after a prompt of that length), timed by CUDA events with nothing
+        between the replays: the device's time per token without the host's per-token work. The
+        state moves back to that slot first; the rows it rewrites then hold the graph's own
+        greedy continuation, not the last decode's. A timer for benchmarks, not a decode: the
+        weight cache's counters are left alone."""
+        if self.graph is None:
+            raise RuntimeError("no step captured yet: decode once first")
+        if not 0 <= first_slot or first_slot + steps > self.cache.max_len:
+            raise ValueError(f"slots {first_slot}..{first_slot + steps - 1} do not fit this graph's cache of "
+                             f"{self.cache.max_len}")
+        with torch.inference_mode():  # the buffers are inference tensors (generate runs in that mode)
+            back = int(self.slot.item()) - first_slot
+            self.position.sub_(back)  # positions and the slot advance together, one a step
+            self.slot.fill_(first_slot)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            self.graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+
 
 def graph_cache_length(needed: int, max_len: int) -> int:
     """Static caches come in 256-token buckets, so one captured graph serves many prompt sizes."""

@@ -75,6 +75,20 @@ def test_cuda_graph_decode_matches_eager_for_every_graph_safe_policy():
         assert s["forward_passes"] == 3 * 24
 
 
+def test_replaying_the_captured_step_alone_times_it_and_leaves_later_decodes_alone():
+    """DecodeGraph.time_steps (decode.py's step timer) replays the captured step from a prompt's
+    slot on; the next generate loads its own state and gives the same tokens as before."""
+    model = codecllm.load("tiny", device="cuda", weights="nibble", cache="fused", cuda_graphs=True)
+    prompt = list(b"graphs")
+    expected = model.generate(prompt, 24)
+    (graph,) = model.decode_graphs
+    seconds = graph.time_steps(23, len(prompt))
+    assert 0 < seconds < 1
+    assert int(graph.slot.item()) == len(prompt) + 23 and model.generate(prompt, 24) == expected
+    with pytest.raises(ValueError, match="do not fit"):
+        graph.time_steps(graph.cache.max_len, len(prompt))
+
+
 def _gaps_below_top(model, prompt, tokens):
     """How far below the top logit each of `tokens` scores after the prompt and the tokens
     before it, from one eager pass over the whole sequence (no cache)."""
