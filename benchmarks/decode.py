@@ -78,50 +78,49 @@ def decode_speed(generate, new: int, batch: int = 1, runs: int = 3, warmup: bool
     return batch * (new - 1) / max(full - first, 1e-9)
 
 
-def paired_ratio(reference, candidate, new: int, rounds: int) -> dict:
-    """candidate's decode speed over reference's, one ratio per round, each round timing both in
-    turn (time(N) - time(1), once each; the order flips every round, so a drift in clocks or host
-    load weighs on both alike). Both generate functions are warm (their rows ran first)."""
-    def speed(generate):
-        return decode_speed(generate, new, runs=1, warmup=False)
-
-    ratios = []
+def in_turn(timers: dict, rounds: int) -> dict:
+    """Each timer's figure a round, the timers run in turn and the order flipped every round, so a
+    drift in clocks or host load weighs on all of them alike."""
+    order = list(timers)
+    figures: dict = {label: [] for label in order}
     for i in range(rounds):
-        if i % 2:
-            c = speed(candidate)
-            r = speed(reference)
-        else:
-            r = speed(reference)
-            c = speed(candidate)
-        ratios.append(c / r)
-    return {"rounds": rounds, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+        for label in order if i % 2 == 0 else order[::-1]:
+            figures[label].append(timers[label]())
+    return figures
+
+
+def ratio_rounds(candidate: list, reference: list) -> dict:
+    """candidate / reference a round, and their median and range."""
+    ratios = [c / r for c, r in zip(candidate, reference)]
+    return {"rounds": len(ratios), "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
             "ratios": ratios}
 
 
+def paired_ratio(reference, candidate, new: int, rounds: int) -> dict:
+    """candidate's decode speed over reference's, one ratio per round, each round timing both in
+    turn (time(N) - time(1), once each). Both generate functions are warm (their rows ran first)."""
+    speeds = in_turn({"reference": lambda: decode_speed(reference, new, runs=1, warmup=False),
+                      "candidate": lambda: decode_speed(candidate, new, runs=1, warmup=False)}, rounds)
+    return ratio_rounds(speeds["candidate"], speeds["reference"])
+
+
 def step_replays(models: dict, batch: int, first_slot: int, steps: int, rounds: int) -> dict:
-    """Each model's captured decode step alone, timed in turn (the order flips every round):
-    `steps` replays of its graph from the prompt's slot on (DecodeGraph.time_steps), tok/s per
-    round, and the ratio of the second model to the first a round. No host work between steps, so
-    this is the GPU's time per token; decode_speed's rounds also time the host's per-token work,
-    which makes them spread far more (25% at batch 1, against ~0.5% here)."""
+    """Each model's captured decode step alone, timed in turn: `steps` replays of its graph from
+    the prompt's slot on (DecodeGraph.time_steps), tok/s a round, and the ratio of the second model
+    to the first a round. No host work between steps, so this is the GPU's time per token;
+    decode_speed's rounds also time the host's per-token work, which makes them spread far more
+    (10-25% at batch 1, against ~0.5% here)."""
     graphs = {}
     for label, model in models.items():
         fits = [g for g in model.decode_graphs if g.token.shape[0] == batch and g.cache.max_len >= first_slot + steps]
         graphs[label] = min(fits, key=lambda g: g.cache.max_len)  # the one its generate used
-    speeds = {label: [] for label in graphs}
-    order = list(graphs)
-    with torch.inference_mode():
-        for graph in graphs.values():
-            graph.time_steps(steps, first_slot)  # warm
-        for i in range(rounds):
-            for label in order if i % 2 == 0 else order[::-1]:
-                speeds[label].append(batch * steps / graphs[label].time_steps(steps, first_slot))
-    reference, candidate = order
-    ratios = [c / r for c, r in zip(speeds[candidate], speeds[reference])]
+    for graph in graphs.values():
+        graph.time_steps(steps, first_slot)  # warm
+    speeds = in_turn({label: lambda g=graph: batch * steps / g.time_steps(steps, first_slot)
+                      for label, graph in graphs.items()}, rounds)
     result = {label: {"median": statistics.median(v), "min": min(v), "max": max(v)} for label, v in speeds.items()}
-    result.update({"rounds": rounds, "steps": steps, "median": statistics.median(ratios), "min": min(ratios),
-                   "max": max(ratios), "ratios": ratios})
-    return result
+    reference, candidate = graphs
+    return {**result, "steps": steps, **ratio_rounds(speeds[candidate], speeds[reference])}
 
 
 def same_steps(tokens, reference) -> int:

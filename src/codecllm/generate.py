@@ -265,7 +265,7 @@ class DecodeGraph:
         weight cache's counters are left alone."""
         if self.graph is None:
             raise RuntimeError("no step captured yet: decode once first")
-        if not 0 <= first_slot or first_slot + steps > self.cache.max_len:
+        if first_slot < 0 or first_slot + steps > self.cache.max_len:
             raise ValueError(f"slots {first_slot}..{first_slot + steps - 1} do not fit this graph's cache of "
                              f"{self.cache.max_len}")
         with torch.inference_mode():  # the buffers are inference tensors (generate runs in that mode)
