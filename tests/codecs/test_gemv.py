@@ -325,3 +325,52 @@ def test_which_launches_let_the_next_kernel_in_late():
     assert _late_trigger(nibble=True, gated=False, use_dot=True, weights=14336 * 4096)
     assert not _late_trigger(nibble=True, gated=False, use_dot=True, weights=2048 * 2048)
     assert not _late_trigger(nibble=False, gated=False, use_dot=True, weights=14336 * 4096)
+
+
+@pytest.mark.parametrize("warps", [1, 2, 4])
+@pytest.mark.parametrize("batch", [4, 8])
+def test_tma_fed_nibble_gemv_is_the_register_kernel_bit_for_bit(monkeypatch, warps, batch):
+    """Large launches at batches 4-8 read their tiles through TMA descriptors (_nibble_tma_kernel):
+    same warps, K order, MMA steps and escapes as the register kernel at that many warps, so the
+    same bits; a matrix, q/k/v in one launch (rows not a multiple of the 16-row tile: TMA reads
+    zeros past the last row), and gate/up; weights exact against fp64 (escapes in every tile,
+    a tile with more escapes than its slots)."""
+    import torch.nn.functional as F
+
+    from codecllm.codecs.kernels import gemv as kernels
+    from codecllm.codecs.kernels.gemv import EscapeTable, NibbleGemvWeight, gemv_group
+
+    monkeypatch.setattr(EscapeTable, "WIDTHS", (16,))
+    monkeypatch.setattr(kernels, "_tma_warps", lambda *args: warps)
+    launched, real_launch = [], kernels._launch_tma
+    monkeypatch.setattr(kernels, "_launch_tma", lambda *args: launched.append(args[4]) or real_launch(*args))
+    k = 512
+    mats = [weights_with_escapes(n, k, seed=n) for n in (40, 9, 16)]
+    mats[0][3, ::8] = 1e-30  # 64 escapes in one row: past the tile's 16 slots
+    weights = [NibbleGemvWeight(codecllm.encode(w, "nibble")) for w in mats]
+    x = torch.randn(batch, k, generator=torch.Generator().manual_seed(batch)).bfloat16()
+    register = (16, 128, warps, 1, True, 1)
+    for group in (weights[:1], weights):
+        got = gemv_group(x, group, out_dtype=torch.float32)
+        assert torch.equal(bits(got), bits(gemv_group(x, group, out_dtype=torch.float32, config=register)))
+    ref = x.double() @ mats[0].double().T
+    got = weights[0](x, out_dtype=torch.float32)
+    assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-6
+    pair = [NibbleGemvWeight(codecllm.encode(w, "nibble")) for w in (mats[2] * 40, mats[2])]
+    got = gemv_group(x, pair, gated=True)
+    assert torch.equal(bits(got), bits(gemv_group(x, pair, gated=True, config=register)))
+    g, u = (w(x, out_dtype=torch.float32, config=register).bfloat16() for w in pair)
+    assert (bits(got).int() - bits(F.silu(g) * u).int()).abs().max() <= 1
+    assert launched == [warps] * 4  # the calls without a config took the TMA kernel
+
+
+def test_tma_fed_launches_are_the_large_ones_at_batches_4_to_8():
+    from codecllm.codecs.kernels.gemv import _tma_warps
+
+    assert _tma_warps(4096, 14336, 8, False, 1) == 4  # the 8B's down
+    assert _tma_warps(14336, 4096, 4, True, 2) == 1  # the 8B's gate/up
+    assert _tma_warps(32000, 2048, 4, False, 1) == 4  # tinyllama's lm_head
+    assert _tma_warps(6144, 4096, 8, False, 3) is None  # q/k/v: the register kernel
+    assert _tma_warps(5632, 2048, 8, True, 2) is None  # tinyllama's gate/up
+    assert _tma_warps(4096, 14336, 2, False, 1) is None  # batch 2
+    assert _tma_warps(4096, 4100, 8, False, 1) is None  # K not in whole turns of the warps

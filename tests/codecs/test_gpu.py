@@ -230,6 +230,46 @@ def test_ptx_decode_gives_the_bits_of_the_integer_decode(monkeypatch):
             assert torch.equal(bits(fused(x, config=config)), bits(want)), (n, k, config)
 
 
+@pytest.mark.parametrize("n, k, gated, warps", [(4096, 4096, False, 4), (4096, 14336, False, 4),
+                                               (2048, 4096, True, 1), (1000, 2048, False, 2)])
+def test_tma_fed_gemv_gives_the_register_kernels_bits_on_the_gpu(n, k, gated, warps, monkeypatch):
+    """On Hopper the large batch 4-8 nibble launches read their tiles by TMA (_nibble_tma_kernel):
+    the bits of the register kernel at the same warps, PTX and integer decode, escapes over a
+    tile's slots included, and one-hot inputs read the weights themselves."""
+    from codecllm.codecs.kernels import gemv as module
+    from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv_group
+    from tests.conftest import bits
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs Hopper or later")
+    monkeypatch.setattr(module, "_tma_warps", lambda *args: warps)
+    launched, real_launch = [], module._launch_tma
+    monkeypatch.setattr(module, "_launch_tma", lambda *args: launched.append(args[4]) or real_launch(*args))
+    g = torch.Generator(device="cuda").manual_seed(n)
+    mats = []
+    for seed in range(2 if gated else 1):
+        w = gaussian_weights(n * k, seed=seed + k).view(n, k)
+        w.view(-1)[torch.randint(0, n * k, (n * k // 200,), generator=torch.Generator().manual_seed(n))] = 1e-30
+        w[:16, ::5] = -3.0
+        mats.append(w)
+    fused = [NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in mats]
+    register = (16, 128, warps, 1, True, 1)
+    for batch in (4, 5, 8):
+        x = torch.randn(batch, k, device="cuda", generator=g).bfloat16()
+        for ptx in (True, False):
+            monkeypatch.setattr(module, "PTX_DECODE", ptx)
+            got = gemv_group(x, fused, gated=gated)
+            assert torch.equal(bits(got), bits(gemv_group(x, fused, gated=gated, config=register))), (batch, ptx)
+    if not gated:
+        cols = torch.randint(0, k, (8,), generator=torch.Generator().manual_seed(k))
+        x = torch.zeros(8, k, dtype=torch.bfloat16, device="cuda")
+        x[torch.arange(8), cols] = 1.0
+        want = mats[0][:, cols].T.contiguous().cuda()
+        want = torch.where(want == 0, torch.zeros_like(want), want)
+        assert torch.equal(bits(gemv_group(x, fused)), bits(want))
+    assert launched and set(launched) == {warps}
+
+
 def test_rope_kv_write_on_the_gpu():
     from codecllm.kv.cache import KVCache
     from codecllm.models import fused_kernels as fused

@@ -45,6 +45,11 @@ from codecllm.codecs.kernels.nibble_decode import nibble_bf16_bits
 from codecllm.codecs.kernels.pdl import launch_next, wait_for_inputs
 from codecllm.codecs.kernels_available import GEMV_MAX_ROWS, interpreting
 
+try:  # host-side tensor descriptors (Triton >= 3.4): the tiles of _nibble_tma_kernel
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the register kernel everywhere
+    TensorDescriptor = None
+
 MAX_BATCH = GEMV_MAX_ROWS
 ESCAPE = 15
 ESCAPE_TILE = 16  # rows a tensor-core program takes, and rows per tile of its escape table
@@ -57,6 +62,10 @@ EARLY_GATED_WEIGHTS = 1 << 25
 # nibble weights decoded by PTX byte permutes on NVIDIA GPUs (_bf16_pairs); the GPU tests switch
 # it off to compare the bits with the integer decode, the one the interpreter (and ROCm) runs
 PTX_DECODE = True
+# nibble launches of many weights at batches 4-8 bring their tiles into shared memory by TMA
+# (_nibble_tma_kernel, _tma_warps); off, they take the register kernel (_nibble_rows_dot)
+TMA_LOADS = True
+TMA_STAGES = 3  # tiles in flight a program: 3 beat 2 and 4 on every shape timed (session 26)
 
 
 @triton.jit
@@ -625,6 +634,40 @@ def _nibble_gated_dot(
 
 
 @triton.jit
+def _nibble_rows_tma(x, x_tiles, word_tiles, code_tiles, escapes, slots, base, N, pid, warp_words, stride_xb,
+                     B: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PTX: tl.constexpr,
+                     DOT_FP32: tl.constexpr, STAGES: tl.constexpr):
+    """_nibble_rows_dot's sums (same warps, K order, MMA steps and escapes: the same bits) with
+    each turn's tiles brought into shared memory by TMA, STAGES turns ahead (Triton's pipeliner),
+    instead of register loads one turn ahead. The descriptors view the words, codes and x as
+    (rows, 1, WARPS, warp_words): a turn is 16 rows x 32 words of each warp's part of K, and x's
+    8 rows (those past B read as zeros, as do rows past N)."""
+    BLOCK_N: tl.constexpr = 16  # ESCAPE_TILE
+    tile_escapes, extra, first_extra, last_extra = _tile_escapes(escapes, slots, pid, N, SLOTS)
+    base2 = _base2(base)
+    acc = tl.zeros((WARPS, 16, BLOCK_N), dtype=tl.float32)
+    for turn in tl.range(0, warp_words, 32, num_stages=STAGES):
+        words = tl.reshape(word_tiles.load([pid * BLOCK_N, 0, 0, turn]), (2, 8, WARPS, 2, 16))
+        codes = tl.reshape(code_tiles.load([pid * BLOCK_N, 0, 0, turn]), (2, 8, WARPS, 2, 16)).to(tl.int32)
+        xs = tl.reshape(x_tiles.load([0, 0, 0, turn]), (8, WARPS, 2, 4, 2, 2))
+        # rows (group nt, row g), words (warp q, step s, word): step s's (nt, q, g) x 16 words
+        words0, words1 = tl.split(tl.permute(words, (0, 2, 1, 4, 3)))
+        codes0, codes1 = tl.split(tl.permute(codes, (0, 2, 1, 4, 3)))
+        # x (row b, warp q, step s, lane t, half, pair): per step the (q, b) x (t, pair) of each half
+        x0, x1 = tl.split(tl.permute(xs, (1, 0, 3, 5, 4, 2)))
+        x0_lo, x0_hi = tl.split(x0)
+        x1_lo, x1_hi = tl.split(x1)
+        acc = _step_mma(acc, tl.reshape(words0, (2 * WARPS * 8, 16)), tl.reshape(codes0, (2 * WARPS * 8, 16)),
+                        tl.reshape(x0_lo, (WARPS * 8, 8)), tl.reshape(x0_hi, (WARPS * 8, 8)), base2, 16, BLOCK_N,
+                        DOT_FP32, WARPS, PTX)
+        acc = _step_mma(acc, tl.reshape(words1, (2 * WARPS * 8, 16)), tl.reshape(codes1, (2 * WARPS * 8, 16)),
+                        tl.reshape(x1_lo, (WARPS * 8, 8)), tl.reshape(x1_hi, (WARPS * 8, 8)), base2, 16, BLOCK_N,
+                        DOT_FP32, WARPS, PTX)
+    return _dot_escapes(acc, x, tile_escapes, extra, first_extra, last_extra, 4 * WARPS * warp_words, stride_xb, B,
+                        16, BLOCK_N, SLOTS, DOT_FP32)
+
+
+@triton.jit
 def _escape_dot(acc, x, packed, lo, hi, stride_xb, B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_FP32: tl.constexpr):
     """acc (B_PAD, BLOCK_N) with the escapes `packed` (EscapeTable entries, 0 for none) of
@@ -790,6 +833,49 @@ def _nibble_kernel(
                                     DOT_FP32, WARPS, SLOTS, PTX, PDL, EARLY, LATE)
                 _emit(out + n0 + n1, partials + n0 + n1, counters, acc, acc, pid - p2, n2, stride_ob, stride_pb, B,
                       B_PAD, BLOCK_N, False, SPLIT, PDL, LATE)
+
+
+@triton.jit(do_not_specialize=["base0", "base1", "base2"])
+def _nibble_tma_kernel(
+    x, x_tiles, out,
+    wt0, ct0, et0, es0, base0, n0,
+    wt1, ct1, et1, es1, base1, n1,
+    wt2, ct2, et2, es2, base2, n2,
+    p1, p2, warp_words, stride_xb, stride_ob,
+    B: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PTX: tl.constexpr, DOT_FP32: tl.constexpr,
+    STAGES: tl.constexpr, SEGMENTS: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr,
+):
+    """_nibble_kernel on tensor cores for launches that _tma_warps picks, its tiles read by TMA
+    (_nibble_rows_tma; wt*, ct*: each matrix's word and code descriptors). It waits for x first:
+    Triton's pipeliner issues the first turns' loads, x's among them, where the loop starts."""
+    pid = tl.program_id(0)
+    wait_for_inputs(PDL)
+    if not LATE:
+        launch_next(PDL)
+    if GATED:
+        gate = _nibble_rows_tma(x, x_tiles, wt0, ct0, et0, es0, base0, n0, pid, warp_words, stride_xb, B, WARPS,
+                                SLOTS, PTX, DOT_FP32, STAGES)
+        up = _nibble_rows_tma(x, x_tiles, wt1, ct1, et1, es1, base1, n0, pid, warp_words, stride_xb, B, WARPS,
+                              SLOTS, PTX, DOT_FP32, STAGES)
+        _emit(out, out, out, gate, up, pid, n0, stride_ob, 0, B, 16, 16, True, 1, PDL, LATE)
+    else:
+        seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
+        if seg == 0:
+            acc = _nibble_rows_tma(x, x_tiles, wt0, ct0, et0, es0, base0, n0, pid, warp_words, stride_xb, B, WARPS,
+                                   SLOTS, PTX, DOT_FP32, STAGES)
+            _emit(out, out, out, acc, acc, pid, n0, stride_ob, 0, B, 16, 16, False, 1, PDL, LATE)
+        if SEGMENTS >= 2:
+            if seg == 1:
+                acc = _nibble_rows_tma(x, x_tiles, wt1, ct1, et1, es1, base1, n1, pid - p1, warp_words, stride_xb,
+                                       B, WARPS, SLOTS, PTX, DOT_FP32, STAGES)
+                _emit(out + n0, out, out, acc, acc, pid - p1, n1, stride_ob, 0, B, 16, 16, False, 1, PDL,
+                      LATE)
+        if SEGMENTS == 3:
+            if seg == 2:
+                acc = _nibble_rows_tma(x, x_tiles, wt2, ct2, et2, es2, base2, n2, pid - p2, warp_words, stride_xb,
+                                       B, WARPS, SLOTS, PTX, DOT_FP32, STAGES)
+                _emit(out + n0 + n1, out, out, acc, acc, pid - p2, n2, stride_ob, 0, B, 16, 16, False, 1,
+                      PDL, LATE)
 
 
 @triton.jit
@@ -977,11 +1063,7 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         flags["PAIR"] = gated and not use_dot
     else:
         scalars = (k,)
-    programs = [triton.cdiv(n, block_n) for n in rows]
-    grid = programs[0] if gated else sum(programs)
-    # first program of segments 1 and 2 (the grid size where there is no such segment)
-    starts = [sum(programs[:i]) if i < len(programs) and not gated else grid for i in (1, 2)]
-    padded = list(segments) + [segments[0]] * (3 - len(segments))  # absent ones: never read
+    grid, starts, padded = _segment_grid(segments, rows, block_n, gated)
     # split K: each split's fp32 sums (gate and up side by side when gated), added up by the last
     # split of each row block to finish (_emit)
     n_out = out.shape[1]
@@ -994,6 +1076,64 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         num_stages=stages, maxnreg=maxnreg, SEGMENTS=len(segments), GATED=gated, SPLIT=splits, **flags,
         LATE=_late_trigger(nibble, gated, use_dot, sum(rows) * k), **pdl.launch_options(out.device),
     )
+    return out
+
+
+def _segment_grid(segments, rows, block_n, gated):
+    """A launch's programs (axis 0), the first program of segments 1 and 2 (the grid size where
+    there is no such segment), and `segments` padded to three (absent ones: never read)."""
+    programs = [triton.cdiv(n, block_n) for n in rows]
+    grid = programs[0] if gated else sum(programs)
+    starts = [sum(programs[:i]) if i < len(programs) and not gated else grid for i in (1, 2)]
+    return grid, starts, list(segments) + [segments[0]] * (3 - len(segments))
+
+
+def _tma_warps(rows: int, k: int, batch: int, gated: bool, segments: int) -> int | None:
+    """Warps a program of _nibble_tma_kernel takes for a nibble launch, or None where the register
+    kernel stays. H100, each launch of the tinyllama and 8B decode steps alone, TMA-fed at 1, 2 and
+    4 warps against the register kernel (session 26, scratch/tma_launch_ab.py), us at batch 8:
+    the 8B's o 13.5 -> 12.8 (4 warps), down 40.7 -> 37.6 (4), gate/up 72.7 -> 69.6 (1), lm_head
+    294 -> 277 (4); tinyllama's lm_head 44.5 -> 42.5 (4; batch 4 43.3 -> 41.4). It lost or tied on
+    the smaller launches (tinyllama's q/k/v 6.4 -> 6.9, o 5.6 -> 6.0, gate/up 17.5 -> 18.6; the 8B's
+    q/k/v 18.4 -> 18.5) and at batch 2 on 4096x4096 (12.7 -> 13.1): there the register kernel's
+    first loads before its PDL wait and its K splits count for more. Batches 4-8, one matrix of
+    LATE_TRIGGER_WEIGHTS or more, or gate/up of EARLY_GATED_WEIGHTS or more a matrix."""
+    if not 4 <= batch <= 8:
+        return None
+    if gated:
+        warps = 1 if rows * k >= EARLY_GATED_WEIGHTS else None
+    else:
+        warps = 4 if segments == 1 and rows * k >= LATE_TRIGGER_WEIGHTS else None
+    return warps if warps is not None and k % (128 * warps) == 0 else None
+
+
+def _tma_fits(x2d: torch.Tensor, weights) -> bool:
+    """Whether TMA can read this launch: Triton's descriptors, Hopper or later (or the
+    interpreter), x's rows contiguous, and every buffer on a 16-byte boundary."""
+    if not TMA_LOADS or TensorDescriptor is None or torch.version.hip is not None:
+        return False
+    if not interpreting() and not (x2d.is_cuda and torch.cuda.get_device_capability(x2d.device) >= (9, 0)):
+        return False
+    buffers = [x2d] + [t for w in weights for t in (w.sign_mantissa, w.codes)]
+    return x2d.stride(-1) == 1 and x2d.stride(0) == x2d.shape[1] and all(t.data_ptr() % 16 == 0 for t in buffers)
+
+
+def _launch_tma(x2d, weights, k, out, warps, gated):
+    """_nibble_tma_kernel over `weights` (NibbleGemvWeight), `warps` a program, K unsplit."""
+    batch = x2d.shape[0]
+    x_tiles = TensorDescriptor.from_tensor(x2d.view(torch.int64).view(batch, 1, warps, k // 4 // warps),
+                                           [8, 1, warps, 32])
+    segments = [(*w.tma_descriptors(warps), w.escape_table.entries, w.escape_table.slots, w.base, w.shape[0])
+                for w in weights]
+    rows = [w.shape[0] for w in weights]
+    grid, starts, padded = _segment_grid(segments, rows, ESCAPE_TILE, gated)
+    interp = interpreting()
+    _nibble_tma_kernel[(grid,)](
+        x2d, x_tiles, out, *[arg for segment in padded for arg in segment], *starts, k // 4 // warps, x2d.stride(0),
+        out.stride(0), B=batch, WARPS=warps, SLOTS=max(segment[3] for segment in segments),
+        PTX=PTX_DECODE and not interp, DOT_FP32=interp, STAGES=TMA_STAGES, SEGMENTS=len(segments), GATED=gated,
+        LATE=_late_trigger(True, gated, True, sum(rows) * k), num_warps=warps, num_stages=TMA_STAGES,
+        **pdl.launch_options(out.device))
     return out
 
 
@@ -1038,6 +1178,10 @@ def gemv_group(x: torch.Tensor, weights, gated: bool = False, config=None,
     n = shapes[0][0] if gated else sum(s[0] for s in shapes)
     out = torch.empty(x2d.shape[0], n, dtype=out_dtype or x.dtype, device=x.device)
     if nibble:
+        warps = _tma_warps(n, k, x2d.shape[0], gated, len(weights)) if config is None else None
+        if warps is not None and _tma_fits(x2d, weights):
+            _launch_tma(x2d, weights, k, out, warps, gated)
+            return out.view(*x.shape[:-1], n)
         segments = [(w.sign_mantissa, w.codes, w.escape_table.entries, w.escape_table.slots, w.base, w.shape[0])
                     for w in weights]
         _launch(_nibble_kernel, x2d, segments, k, out, config, True, gated)
@@ -1111,6 +1255,18 @@ class NibbleGemvWeight:
         self.sign_mantissa, self.codes, self.base = sign_mantissa, codes, base
         self.escapes = escape_index.numel()
         self.escape_table = EscapeTable(n, rows, cols, loop_bits ^ 0x8000, true_bits)
+        self._tma_descriptors: dict[int, tuple] = {}
+
+    def tma_descriptors(self, warps: int) -> tuple:
+        """TMA descriptors of the sign+mantissa words and the codes for _nibble_tma_kernel at
+        `warps` a program: (N, 1, warps, words a warp takes), tiles of 16 rows x 32 words a warp."""
+        if warps not in self._tma_descriptors:
+            n, k = self.shape
+            view = (n, 1, warps, k // 4 // warps)
+            self._tma_descriptors[warps] = (
+                TensorDescriptor.from_tensor(self.sign_mantissa.view(torch.int32).view(view), [16, 1, warps, 32]),
+                TensorDescriptor.from_tensor(self.codes.view(torch.int16).view(view), [16, 1, warps, 32]))
+        return self._tma_descriptors[warps]
 
     @property
     def extra_nbytes(self) -> int:
