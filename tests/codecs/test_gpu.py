@@ -1,5 +1,7 @@
 """On a CUDA machine: the GPU decoders are used for CUDA targets and are bit-identical."""
 
+import functools
+
 import pytest
 import torch
 
@@ -200,6 +202,27 @@ def test_grouped_and_gated_gemvs_on_the_gpu():
                 assert apart.max() <= 1 and (apart == 0).float().mean() > 0.99
 
 
+def _escape_heavy(n: int, k: int, seed: int) -> torch.Tensor:
+    """(n, k) weights with an escape every ~200 weights and a 16-row tile over its slots."""
+    w = gaussian_weights(n * k, seed=seed).view(n, k)
+    w.view(-1)[torch.randint(0, n * k, (n * k // 200,), generator=torch.Generator().manual_seed(n))] = 1e-30
+    w[:16, ::5] = -3.0  # a tile over its slots
+    return w
+
+
+def _assert_one_hot_rows_read_the_weights(w: torch.Tensor, gemv) -> None:
+    """8 one-hot input rows through `gemv` give 8 columns of `w` exactly (-0.0 read as 0.0)."""
+    from tests.conftest import bits
+
+    k = w.shape[1]
+    cols = torch.randint(0, k, (8,), generator=torch.Generator().manual_seed(k))
+    x = torch.zeros(8, k, dtype=torch.bfloat16, device="cuda")
+    x[torch.arange(8), cols] = 1.0
+    want = w[:, cols].T.contiguous().cuda()
+    want = torch.where(want == 0, torch.zeros_like(want), want)
+    assert torch.equal(bits(gemv(x)), bits(want)), (tuple(w.shape), cols.tolist())
+
+
 def test_ptx_decode_gives_the_bits_of_the_integer_decode(monkeypatch):
     """The nibble GEMVs decode by PTX byte permutes on the GPU and by integer arithmetic in the
     interpreter: on the GPU both give the same bits, on CUDA cores and tensor cores, split K and
@@ -210,9 +233,7 @@ def test_ptx_decode_gives_the_bits_of_the_integer_decode(monkeypatch):
 
     g = torch.Generator(device="cuda").manual_seed(5)
     for n, k in ((2048, 2048), (256, 5632), (100, 1000)):
-        w = gaussian_weights(n * k, seed=n + k).view(n, k)
-        w.view(-1)[torch.randint(0, n * k, (n * k // 200,), generator=torch.Generator().manual_seed(n))] = 1e-30
-        w[:16, ::5] = -3.0  # a tile over its slots
+        w = _escape_heavy(n, k, seed=n + k)
         fused = NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda"))
         for batch in (1, 2, 4, 8):
             for config in (None, (16, 128, 4, 3, True, 1), (2, 256, 4, 1, False), (1, 1024, 2, 1, False)):
@@ -222,12 +243,7 @@ def test_ptx_decode_gives_the_bits_of_the_integer_decode(monkeypatch):
                 monkeypatch.setattr(module, "PTX_DECODE", True)
                 assert torch.equal(bits(fused(x, config=config)), bits(integer)), (n, k, batch, config)
         for config in (None, (2, 256, 4, 1, False)):
-            cols = torch.randint(0, k, (8,), generator=torch.Generator().manual_seed(k))
-            x = torch.zeros(8, k, dtype=torch.bfloat16, device="cuda")
-            x[torch.arange(8), cols] = 1.0
-            want = w[:, cols].T.contiguous().cuda()
-            want = torch.where(want == 0, torch.zeros_like(want), want)
-            assert torch.equal(bits(fused(x, config=config)), bits(want)), (n, k, config)
+            _assert_one_hot_rows_read_the_weights(w, functools.partial(fused, config=config))
 
 
 @pytest.mark.parametrize("n, k, gated, warps", [(4096, 4096, False, 4), (4096, 14336, False, 4),
@@ -246,12 +262,7 @@ def test_tma_fed_gemv_gives_the_register_kernels_bits_on_the_gpu(n, k, gated, wa
     launched, real_launch = [], module._launch_tma
     monkeypatch.setattr(module, "_launch_tma", lambda *args: launched.append(args[4]) or real_launch(*args))
     g = torch.Generator(device="cuda").manual_seed(n)
-    mats = []
-    for seed in range(2 if gated else 1):
-        w = gaussian_weights(n * k, seed=seed + k).view(n, k)
-        w.view(-1)[torch.randint(0, n * k, (n * k // 200,), generator=torch.Generator().manual_seed(n))] = 1e-30
-        w[:16, ::5] = -3.0
-        mats.append(w)
+    mats = [_escape_heavy(n, k, seed=seed + k) for seed in range(2 if gated else 1)]
     fused = [NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in mats]
     register = (16, 128, warps, 1, True, 1)
     for batch in (4, 5, 8):
@@ -261,12 +272,7 @@ def test_tma_fed_gemv_gives_the_register_kernels_bits_on_the_gpu(n, k, gated, wa
             got = gemv_group(x, fused, gated=gated)
             assert torch.equal(bits(got), bits(gemv_group(x, fused, gated=gated, config=register))), (batch, ptx)
     if not gated:
-        cols = torch.randint(0, k, (8,), generator=torch.Generator().manual_seed(k))
-        x = torch.zeros(8, k, dtype=torch.bfloat16, device="cuda")
-        x[torch.arange(8), cols] = 1.0
-        want = mats[0][:, cols].T.contiguous().cuda()
-        want = torch.where(want == 0, torch.zeros_like(want), want)
-        assert torch.equal(bits(gemv_group(x, fused)), bits(want))
+        _assert_one_hot_rows_read_the_weights(mats[0], lambda x: gemv_group(x, fused))
     assert launched and set(launched) == {warps}
 
 

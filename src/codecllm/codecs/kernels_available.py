@@ -31,6 +31,20 @@ def fused_gemv_possible(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _hopper_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def hopper_or_later(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 or later (PDL launches, TMA copies)."""
+    return device.type == "cuda" and _hopper_or_later(_index(device))
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -40,4 +54,4 @@ def sm_count(device: torch.device) -> int:
     """The device's streaming multiprocessors (an H100's 132 for the CPU interpreter)."""
     if device.type != "cuda":
         return 132
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(_index(device))

@@ -43,7 +43,7 @@ from codecllm.codecs.kernels.arrivals import arrival_counters, last_to_arrive
 from codecllm.codecs.kernels.bf16 import bf16_round, silu_times, store_bf16
 from codecllm.codecs.kernels.nibble_decode import nibble_bf16_bits
 from codecllm.codecs.kernels.pdl import launch_next, wait_for_inputs
-from codecllm.codecs.kernels_available import GEMV_MAX_ROWS, interpreting
+from codecllm.codecs.kernels_available import GEMV_MAX_ROWS, hopper_or_later, interpreting
 
 try:  # host-side tensor descriptors (Triton >= 3.4): the tiles of _nibble_tma_kernel
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -634,6 +634,16 @@ def _nibble_gated_dot(
 
 
 @triton.jit
+def _tma_step(acc, words, codes, xs, base2, DOT_FP32: tl.constexpr, WARPS: tl.constexpr, PTX: tl.constexpr):
+    """_step_mma on one MMA step of a TMA turn (_nibble_rows_tma): words and codes (2, WARPS, 8,
+    16), x (WARPS, 8, 4, 2, 2 halves) put into the register kernel's shapes."""
+    x_lo, x_hi = tl.split(xs)
+    return _step_mma(acc, tl.reshape(words, (2 * WARPS * 8, 16)), tl.reshape(codes, (2 * WARPS * 8, 16)),
+                     tl.reshape(x_lo, (WARPS * 8, 8)), tl.reshape(x_hi, (WARPS * 8, 8)), base2, 16, 16, DOT_FP32,
+                     WARPS, PTX)
+
+
+@triton.jit
 def _nibble_rows_tma(x, x_tiles, word_tiles, code_tiles, escapes, slots, base, N, pid, warp_words, stride_xb,
                      B: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PTX: tl.constexpr,
                      DOT_FP32: tl.constexpr, STAGES: tl.constexpr):
@@ -653,16 +663,10 @@ def _nibble_rows_tma(x, x_tiles, word_tiles, code_tiles, escapes, slots, base, N
         # rows (group nt, row g), words (warp q, step s, word): step s's (nt, q, g) x 16 words
         words0, words1 = tl.split(tl.permute(words, (0, 2, 1, 4, 3)))
         codes0, codes1 = tl.split(tl.permute(codes, (0, 2, 1, 4, 3)))
-        # x (row b, warp q, step s, lane t, half, pair): per step the (q, b) x (t, pair) of each half
+        # x (row b, warp q, step s, lane t, half, pair): step s's (q, b, t, pair, half)
         x0, x1 = tl.split(tl.permute(xs, (1, 0, 3, 5, 4, 2)))
-        x0_lo, x0_hi = tl.split(x0)
-        x1_lo, x1_hi = tl.split(x1)
-        acc = _step_mma(acc, tl.reshape(words0, (2 * WARPS * 8, 16)), tl.reshape(codes0, (2 * WARPS * 8, 16)),
-                        tl.reshape(x0_lo, (WARPS * 8, 8)), tl.reshape(x0_hi, (WARPS * 8, 8)), base2, 16, BLOCK_N,
-                        DOT_FP32, WARPS, PTX)
-        acc = _step_mma(acc, tl.reshape(words1, (2 * WARPS * 8, 16)), tl.reshape(codes1, (2 * WARPS * 8, 16)),
-                        tl.reshape(x1_lo, (WARPS * 8, 8)), tl.reshape(x1_hi, (WARPS * 8, 8)), base2, 16, BLOCK_N,
-                        DOT_FP32, WARPS, PTX)
+        acc = _tma_step(acc, words0, codes0, x0, base2, DOT_FP32, WARPS, PTX)
+        acc = _tma_step(acc, words1, codes1, x1, base2, DOT_FP32, WARPS, PTX)
     return _dot_escapes(acc, x, tile_escapes, extra, first_extra, last_extra, 4 * WARPS * warp_words, stride_xb, B,
                         16, BLOCK_N, SLOTS, DOT_FP32)
 
@@ -1112,7 +1116,7 @@ def _tma_fits(x2d: torch.Tensor, weights) -> bool:
     interpreter), x's rows contiguous, and every buffer on a 16-byte boundary."""
     if not TMA_LOADS or TensorDescriptor is None or torch.version.hip is not None:
         return False
-    if not interpreting() and not (x2d.is_cuda and torch.cuda.get_device_capability(x2d.device) >= (9, 0)):
+    if not (interpreting() or hopper_or_later(x2d.device)):
         return False
     buffers = [x2d] + [t for w in weights for t in (w.sign_mantissa, w.codes)]
     return x2d.stride(-1) == 1 and x2d.stride(0) == x2d.shape[1] and all(t.data_ptr() % 16 == 0 for t in buffers)
@@ -1181,10 +1185,10 @@ def gemv_group(x: torch.Tensor, weights, gated: bool = False, config=None,
         warps = _tma_warps(n, k, x2d.shape[0], gated, len(weights)) if config is None else None
         if warps is not None and _tma_fits(x2d, weights):
             _launch_tma(x2d, weights, k, out, warps, gated)
-            return out.view(*x.shape[:-1], n)
-        segments = [(w.sign_mantissa, w.codes, w.escape_table.entries, w.escape_table.slots, w.base, w.shape[0])
-                    for w in weights]
-        _launch(_nibble_kernel, x2d, segments, k, out, config, True, gated)
+        else:
+            segments = [(w.sign_mantissa, w.codes, w.escape_table.entries, w.escape_table.slots, w.base,
+                         w.shape[0]) for w in weights]
+            _launch(_nibble_kernel, x2d, segments, k, out, config, True, gated)
     else:
         segments = [(w.contiguous(), w.shape[0]) for w in weights]
         _launch(_plain_kernel, x2d, segments, k, out, config, False, gated)

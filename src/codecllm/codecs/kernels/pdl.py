@@ -28,14 +28,13 @@ GEMVs) 2% at batch 1 (benchmarks/decode.py, NOTES.md). CODECLLM_PDL=0 launches t
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from codecllm.codecs.kernels_available import interpreting
+from codecllm.codecs.kernels_available import hopper_or_later, interpreting
 
 try:  # Triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -47,16 +46,10 @@ def switched_on() -> bool:
     return os.environ.get("CODECLLM_PDL", "1") != "0"
 
 
-@functools.cache
-def _capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL: a CUDA GPU of compute capability 9.0 or
     later, a Triton that has it, not the CPU interpreter, and CODECLLM_PDL not 0."""
-    return (device.type == "cuda" and gdc_wait is not None and not interpreting() and switched_on()
-            and _capable(device.index if device.index is not None else torch.cuda.current_device()))
+    return gdc_wait is not None and not interpreting() and switched_on() and hopper_or_later(device)
 
 
 def launch_options(device: torch.device) -> dict:
