@@ -328,9 +328,9 @@ def test_which_launches_let_the_next_kernel_in_late():
 
 
 @pytest.mark.parametrize("warps", [1, 2, 4])
-@pytest.mark.parametrize("batch", [4, 8])
+@pytest.mark.parametrize("batch", [2, 4, 8])
 def test_tma_fed_nibble_gemv_is_the_register_kernel_bit_for_bit(monkeypatch, warps, batch):
-    """Large launches at batches 4-8 read their tiles through TMA descriptors (_nibble_tma_kernel):
+    """Large launches at batches 2-8 read their tiles through TMA descriptors (_nibble_tma_kernel):
     same warps, K order, MMA steps and escapes as the register kernel at that many warps, so the
     same bits; a matrix, q/k/v in one launch (rows not a multiple of the 16-row tile: TMA reads
     zeros past the last row), and gate/up; weights exact against fp64 (escapes in every tile,
@@ -364,13 +364,21 @@ def test_tma_fed_nibble_gemv_is_the_register_kernel_bit_for_bit(monkeypatch, war
     assert launched == [warps] * 4  # the calls without a config took the TMA kernel
 
 
-def test_tma_fed_launches_are_the_large_ones_at_batches_4_to_8():
+def test_tma_fed_launches_are_the_large_ones_at_batches_2_to_8():
     from codecllm.codecs.kernels.gemv import _tma_warps
 
     assert _tma_warps(4096, 14336, 8, False, 1) == 4  # the 8B's down
     assert _tma_warps(14336, 4096, 4, True, 2) == 1  # the 8B's gate/up
     assert _tma_warps(32000, 2048, 4, False, 1) == 4  # tinyllama's lm_head
+    assert _tma_warps(4096, 4096, 8, False, 1) == 4  # the 8B's o
+    # single matrices of about one wave of programs: 2 warps
+    assert _tma_warps(5632, 2048, 8, False, 1) == 2
+    assert _tma_warps(14336, 4096, 4, False, 1) == 2
+    assert _tma_warps(2048, 5632, 8, False, 1) is None  # tinyllama's down: the register kernel
+    assert _tma_warps(2048, 2048, 8, False, 1) is None  # tinyllama's o
     assert _tma_warps(6144, 4096, 8, False, 3) is None  # q/k/v: the register kernel
     assert _tma_warps(5632, 2048, 8, True, 2) is None  # tinyllama's gate/up
-    assert _tma_warps(4096, 14336, 2, False, 1) is None  # batch 2
+    assert _tma_warps(4096, 14336, 2, False, 1) == 4  # batch 2: the same launches
+    assert _tma_warps(5632, 2048, 2, False, 1) is None  # but the one-wave ones
+    assert _tma_warps(4096, 14336, 1, False, 1) is None  # batch 1: CUDA cores
     assert _tma_warps(4096, 4100, 8, False, 1) is None  # K not in whole turns of the warps

@@ -62,7 +62,7 @@ EARLY_GATED_WEIGHTS = 1 << 25
 # nibble weights decoded by PTX byte permutes on NVIDIA GPUs (_bf16_pairs); the GPU tests switch
 # it off to compare the bits with the integer decode, the one the interpreter (and ROCm) runs
 PTX_DECODE = True
-# nibble launches of many weights at batches 4-8 bring their tiles into shared memory by TMA
+# nibble launches of many weights at batches 2-8 bring their tiles into shared memory by TMA
 # (_nibble_tma_kernel, _tma_warps); off, they take the register kernel (_nibble_rows_dot)
 TMA_LOADS = True
 TMA_STAGES = 3  # tiles in flight a program: 3 beat 2 and 4 on every shape timed (session 26)
@@ -1098,16 +1098,33 @@ def _tma_warps(rows: int, k: int, batch: int, gated: bool, segments: int) -> int
     4 warps against the register kernel (session 26, scratch/tma_launch_ab.py), us at batch 8:
     the 8B's o 13.5 -> 12.8 (4 warps), down 40.7 -> 37.6 (4), gate/up 72.7 -> 69.6 (1), lm_head
     294 -> 277 (4); tinyllama's lm_head 44.5 -> 42.5 (4; batch 4 43.3 -> 41.4). It lost or tied on
-    the smaller launches (tinyllama's q/k/v 6.4 -> 6.9, o 5.6 -> 6.0, gate/up 17.5 -> 18.6; the 8B's
-    q/k/v 18.4 -> 18.5) and at batch 2 on 4096x4096 (12.7 -> 13.1): there the register kernel's
-    first loads before its PDL wait and its K splits count for more. Batches 4-8, one matrix of
-    LATE_TRIGGER_WEIGHTS or more, or gate/up of EARLY_GATED_WEIGHTS or more a matrix."""
-    if not 4 <= batch <= 8:
+    the smaller launches (tinyllama's q/k/v 6.4 -> 6.9, o 5.6 -> 6.0, gate/up 17.5 -> 18.6; the
+    8B's q/k/v 18.4 -> 18.5): there the register kernel's first loads before its PDL wait and its
+    K splits count for more.
+    One matrix: the warps follow its programs (16 rows each). Of 1024 programs or more (many
+    waves) 4 warps; of 257-1023 (5632-16368 rows), about one wave, 2 warps at batches 4-8: 4-warp
+    programs left too little work in flight per wave (session 27, scratch/single_rule.py, in turn,
+    us at batch 4 / 8: 5632x2048 11.1 / 11.5 -> 10.5 / 10.5, 11008x4096 30.3 / 30.7 -> 30.0 / 29.9
+    (4 warps 34.3 / 34.7), 14336x4096 38.4 / 39.0 -> 37.7 / 37.8 (4 warps 38.7 / 39.3); at batch 2
+    5632x2048 lost, 10.4 -> 10.7); fewer programs 4 warps from LATE_TRIGGER_WEIGHTS (4096x4096,
+    4096x14336). Gate/up: 1 warp from EARLY_GATED_WEIGHTS a matrix.
+    Batch 2 takes the same launches but the one-wave ones: the 8B's step, replayed alone in turn,
+    ran 1.75% faster so (scratch/b2_tma_ab.py: 199.7 -> 203.3 steps/s), though its o alone lost
+    (12.9 -> 13.0 us) while down gained (39.5 -> 37.4)."""
+    if not 2 <= batch <= 8:
         return None
+    weights = rows * k
+    programs = triton.cdiv(rows, ESCAPE_TILE)
     if gated:
-        warps = 1 if rows * k >= EARLY_GATED_WEIGHTS else None
+        warps = 1 if weights >= EARLY_GATED_WEIGHTS else None
+    elif segments > 1:
+        warps = None
+    elif programs >= 1024:
+        warps = 4
+    elif programs > 256 and weights >= 1 << 23:
+        warps = 2 if batch >= 4 else None
     else:
-        warps = 4 if segments == 1 and rows * k >= LATE_TRIGGER_WEIGHTS else None
+        warps = 4 if weights >= LATE_TRIGGER_WEIGHTS else None
     return warps if warps is not None and k % (128 * warps) == 0 else None
 
 
