@@ -1107,7 +1107,9 @@ def _tma_warps(rows: int, k: int, batch: int, gated: bool, segments: int) -> int
     us at batch 4 / 8: 5632x2048 11.1 / 11.5 -> 10.5 / 10.5, 11008x4096 30.3 / 30.7 -> 30.0 / 29.9
     (4 warps 34.3 / 34.7), 14336x4096 38.4 / 39.0 -> 37.7 / 37.8 (4 warps 38.7 / 39.3); at batch 2
     5632x2048 lost, 10.4 -> 10.7); fewer programs 4 warps from LATE_TRIGGER_WEIGHTS (4096x4096,
-    4096x14336). Gate/up: 1 warp from EARLY_GATED_WEIGHTS a matrix.
+    4096x14336), and above batch 4 from 8 M weights: tinyllama's down (2048x5632) alone at batch 8
+    11.4 -> 10.9 us (batch 4 lost, 10.8 -> 11.1), its step replayed alone 864.6 -> 874.6 steps/s
+    (+1.15%, scratch/down_ab.py). Gate/up: 1 warp from EARLY_GATED_WEIGHTS a matrix.
     Batch 2 takes the same launches but the one-wave ones: the 8B's step, replayed alone in turn,
     ran 1.75% faster so (scratch/b2_tma_ab.py: 199.7 -> 203.3 steps/s), though its o alone lost
     (12.9 -> 13.0 us) while down gained (39.5 -> 37.4)."""
@@ -1123,8 +1125,8 @@ def _tma_warps(rows: int, k: int, batch: int, gated: bool, segments: int) -> int
         warps = 4
     elif programs > 256 and weights >= 1 << 23:
         warps = 2 if batch >= 4 else None
-    else:
-        warps = 4 if weights >= LATE_TRIGGER_WEIGHTS else None
+    else:  # fewer programs: from LATE_TRIGGER_WEIGHTS, above batch 4 from 8 M
+        warps = 4 if weights >= (1 << 23 if batch > 4 else LATE_TRIGGER_WEIGHTS) else None
     return warps if warps is not None and k % (128 * warps) == 0 else None
 
 
