@@ -374,8 +374,8 @@ def test_tma_fed_launches_are_the_large_ones_at_batches_2_to_8():
     # single matrices of about one wave of programs: 2 warps
     assert _tma_warps(5632, 2048, 8, False, 1) == 2
     assert _tma_warps(14336, 4096, 4, False, 1) == 2
-    assert _tma_warps(2048, 5632, 8, False, 1) == 4  # tinyllama's down: 4 warps above batch 4,
-    assert _tma_warps(2048, 5632, 4, False, 1) is None  # the register kernel at batch 4
+    assert _tma_warps(2048, 5632, 8, False, 1) == 4  # tinyllama's down above batch 4
+    assert _tma_warps(2048, 5632, 4, False, 1) is None  # and not at batch 4
     assert _tma_warps(2048, 2048, 8, False, 1) is None  # tinyllama's o
     assert _tma_warps(6144, 4096, 8, False, 3) is None  # q/k/v: the register kernel
     assert _tma_warps(5632, 2048, 8, True, 2) is None  # tinyllama's gate/up

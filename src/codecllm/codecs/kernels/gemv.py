@@ -66,6 +66,7 @@ PTX_DECODE = True
 # (_nibble_tma_kernel, _tma_warps); off, they take the register kernel (_nibble_rows_dot)
 TMA_LOADS = True
 TMA_STAGES = 3  # tiles in flight a program: 3 beat 2 and 4 on every shape timed (session 26)
+TMA_MIN_WEIGHTS = 1 << 23  # single matrices of fewer weights keep the register kernel (_tma_warps)
 
 
 @triton.jit
@@ -1101,15 +1102,16 @@ def _tma_warps(rows: int, k: int, batch: int, gated: bool, segments: int) -> int
     the smaller launches (tinyllama's q/k/v 6.4 -> 6.9, o 5.6 -> 6.0, gate/up 17.5 -> 18.6; the
     8B's q/k/v 18.4 -> 18.5): there the register kernel's first loads before its PDL wait and its
     K splits count for more.
-    One matrix: the warps follow its programs (16 rows each). Of 1024 programs or more (many
-    waves) 4 warps; of 257-1023 (5632-16368 rows), about one wave, 2 warps at batches 4-8: 4-warp
-    programs left too little work in flight per wave (session 27, scratch/single_rule.py, in turn,
-    us at batch 4 / 8: 5632x2048 11.1 / 11.5 -> 10.5 / 10.5, 11008x4096 30.3 / 30.7 -> 30.0 / 29.9
-    (4 warps 34.3 / 34.7), 14336x4096 38.4 / 39.0 -> 37.7 / 37.8 (4 warps 38.7 / 39.3); at batch 2
-    5632x2048 lost, 10.4 -> 10.7); fewer programs 4 warps from LATE_TRIGGER_WEIGHTS (4096x4096,
-    4096x14336), and above batch 4 from 8 M weights: tinyllama's down (2048x5632) alone at batch 8
-    11.4 -> 10.9 us (batch 4 lost, 10.8 -> 11.1), its step replayed alone 864.6 -> 874.6 steps/s
-    (+1.15%, scratch/down_ab.py). Gate/up: 1 warp from EARLY_GATED_WEIGHTS a matrix.
+    One matrix (of TMA_MIN_WEIGHTS or more): the warps follow its programs (16 rows each). Of
+    1024 programs or more (many waves) 4 warps; of 257-1023, about one wave, 2 warps at batches
+    4-8: 4-warp programs left too little in flight a wave (session 27, scratch/single_rule.py, in
+    turn, us at batch 4 / 8: 5632x2048 11.1 / 11.5 -> 10.5 / 10.5, 11008x4096 30.3 / 30.7 -> 30.0
+    / 29.9 (4 warps 34.3 / 34.7), 14336x4096 38.4 / 39.0 -> 37.7 / 37.8 (4 warps 38.7 / 39.3); at
+    batch 2 5632x2048 lost, 10.4 -> 10.7); fewer programs 4 warps from LATE_TRIGGER_WEIGHTS
+    (4096x4096, 4096x14336), above batch 4 from TMA_MIN_WEIGHTS: tinyllama's down (2048x5632)
+    alone at batch 8 11.4 -> 10.9 us (batch 4 lost, 10.8 -> 11.1), its step replayed alone 864.6
+    -> 874.6 steps/s (+1.15%, scratch/down_ab.py). Gate/up: 1 warp from EARLY_GATED_WEIGHTS a
+    matrix.
     Batch 2 takes the same launches but the one-wave ones: the 8B's step, replayed alone in turn,
     ran 1.75% faster so (scratch/b2_tma_ab.py: 199.7 -> 203.3 steps/s), though its o alone lost
     (12.9 -> 13.0 us) while down gained (39.5 -> 37.4)."""
@@ -1119,14 +1121,14 @@ def _tma_warps(rows: int, k: int, batch: int, gated: bool, segments: int) -> int
     programs = triton.cdiv(rows, ESCAPE_TILE)
     if gated:
         warps = 1 if weights >= EARLY_GATED_WEIGHTS else None
-    elif segments > 1:
+    elif segments > 1 or weights < TMA_MIN_WEIGHTS:
         warps = None
     elif programs >= 1024:
         warps = 4
-    elif programs > 256 and weights >= 1 << 23:
+    elif programs > 256:
         warps = 2 if batch >= 4 else None
-    else:  # fewer programs: from LATE_TRIGGER_WEIGHTS, above batch 4 from 8 M
-        warps = 4 if weights >= (1 << 23 if batch > 4 else LATE_TRIGGER_WEIGHTS) else None
+    else:  # fewer programs
+        warps = 4 if batch > 4 or weights >= LATE_TRIGGER_WEIGHTS else None
     return warps if warps is not None and k % (128 * warps) == 0 else None
 
 
