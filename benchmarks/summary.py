@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+RATIO_KEYS = ("median", "min", "max", "rounds")  # of decode.py's in-turn ratios (ratio_rounds)
 PDL_ROWS = {"bf16": ("codecllm bf16 CUDA graph (Triton GEMV)", "codecllm bf16 CUDA graph (Triton GEMV, no PDL)"),
             "nibble": ("codecllm nibble fused, CUDA graph", "codecllm nibble fused, CUDA graph (no PDL)")}
 
@@ -41,11 +42,10 @@ def main() -> None:
         summary.setdefault("pdl_speedup", {}).setdefault(model, {})[str(batch)] = pdl_gain or None
         # nibble vs our bf16 graph timed in turn, both loaded (decode.py's paired rounds): median, min, max
         paired = data.get("nibble_vs_bf16_paired")
-        paired = {k: paired[k] for k in ("median", "min", "max", "rounds")} if paired else None
+        paired = {k: paired[k] for k in RATIO_KEYS} if paired else None
         rows_ratio = nibble["tok_s"] / best_bf16["tok_s"] if "tok_s" in nibble else None
         replayed = data.get("nibble_vs_bf16_step_replay")
-        replayed = {"median": replayed["median"], "min": replayed["min"], "max": replayed["max"],
-                    "rounds": replayed["rounds"], "bf16_tok_s": replayed["bf16"]["median"],
+        replayed = {**{k: replayed[k] for k in RATIO_KEYS}, "bf16_tok_s": replayed["bf16"]["median"],
                     "nibble_tok_s": replayed["nibble"]["median"]} if replayed else None
         if data.get("prompt", 128) != 128:  # decode-MODEL-pP: a long prompt (the goals are for 128)
             summary.setdefault("long_prompt", {}).setdefault(model, {})[str(data["prompt"])] = {

@@ -35,6 +35,17 @@ def gaussian_weights(n: int, dtype=torch.bfloat16, std: float = 0.02, seed: int 
     return (torch.randn(n, generator=g) * std).to(dtype)
 
 
+def force_tma_launches(monkeypatch, warps: int) -> list:
+    """Every nibble launch takes the TMA-fed kernel at `warps` a program (gemv._tma_warps patched);
+    returns the list that records the warps of each TMA launch really made."""
+    from codecllm.codecs.kernels import gemv
+
+    monkeypatch.setattr(gemv, "_tma_warps", lambda *args: warps)
+    launched, real_launch = [], gemv._launch_tma
+    monkeypatch.setattr(gemv, "_launch_tma", lambda *args: launched.append(args[4]) or real_launch(*args))
+    return launched
+
+
 @pytest.fixture
 def triton_interpreter():
     """Kernels on CPU tensors through Triton's interpreter (CPU machines; GPU tests cover CUDA)."""

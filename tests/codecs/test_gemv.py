@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import codecllm
-from tests.conftest import bits, gaussian_weights
+from tests.conftest import bits, force_tma_launches, gaussian_weights
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
@@ -337,13 +337,10 @@ def test_tma_fed_nibble_gemv_is_the_register_kernel_bit_for_bit(monkeypatch, war
     a tile with more escapes than its slots)."""
     import torch.nn.functional as F
 
-    from codecllm.codecs.kernels import gemv as kernels
     from codecllm.codecs.kernels.gemv import EscapeTable, NibbleGemvWeight, gemv_group
 
     monkeypatch.setattr(EscapeTable, "WIDTHS", (16,))
-    monkeypatch.setattr(kernels, "_tma_warps", lambda *args: warps)
-    launched, real_launch = [], kernels._launch_tma
-    monkeypatch.setattr(kernels, "_launch_tma", lambda *args: launched.append(args[4]) or real_launch(*args))
+    launched = force_tma_launches(monkeypatch, warps)
     k = 512
     mats = [weights_with_escapes(n, k, seed=n) for n in (40, 9, 16)]
     mats[0][3, ::8] = 1e-30  # 64 escapes in one row: past the tile's 16 slots

@@ -254,13 +254,12 @@ def test_tma_fed_gemv_gives_the_register_kernels_bits_on_the_gpu(n, k, gated, wa
     tile's slots included, and one-hot inputs read the weights themselves."""
     from codecllm.codecs.kernels import gemv as module
     from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv_group
-    from tests.conftest import bits
+    from codecllm.codecs.kernels_available import hopper_or_later
+    from tests.conftest import bits, force_tma_launches
 
-    if torch.cuda.get_device_capability() < (9, 0):
+    if not hopper_or_later(torch.device("cuda")):
         pytest.skip("TMA needs Hopper or later")
-    monkeypatch.setattr(module, "_tma_warps", lambda *args: warps)
-    launched, real_launch = [], module._launch_tma
-    monkeypatch.setattr(module, "_launch_tma", lambda *args: launched.append(args[4]) or real_launch(*args))
+    launched = force_tma_launches(monkeypatch, warps)
     g = torch.Generator(device="cuda").manual_seed(n)
     mats = [_escape_heavy(n, k, seed=seed + k) for seed in range(2 if gated else 1)]
     fused = [NibbleGemvWeight(codecllm.encode(w, "nibble").to("cuda")) for w in mats]

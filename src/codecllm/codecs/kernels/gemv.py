@@ -840,6 +840,17 @@ def _nibble_kernel(
                       B_PAD, BLOCK_N, False, SPLIT, PDL, LATE)
 
 
+@triton.jit
+def _tma_segment(x, x_tiles, out, word_tiles, code_tiles, escapes, slots, base, N, pid, warp_words, stride_xb,
+                 stride_ob, B: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PTX: tl.constexpr,
+                 DOT_FP32: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr):
+    """One matrix's rows pid * 16... of a _nibble_tma_kernel launch (pid counted from its
+    segment's first program), stored in its columns of the output (`out`: the first of them)."""
+    acc = _nibble_rows_tma(x, x_tiles, word_tiles, code_tiles, escapes, slots, base, N, pid, warp_words, stride_xb,
+                           B, WARPS, SLOTS, PTX, DOT_FP32, STAGES)
+    _emit(out, out, out, acc, acc, pid, N, stride_ob, 0, B, 16, 16, False, 1, PDL, LATE)
+
+
 @triton.jit(do_not_specialize=["base0", "base1", "base2"])
 def _nibble_tma_kernel(
     x, x_tiles, out,
@@ -866,21 +877,16 @@ def _nibble_tma_kernel(
     else:
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
         if seg == 0:
-            acc = _nibble_rows_tma(x, x_tiles, wt0, ct0, et0, es0, base0, n0, pid, warp_words, stride_xb, B, WARPS,
-                                   SLOTS, PTX, DOT_FP32, STAGES)
-            _emit(out, out, out, acc, acc, pid, n0, stride_ob, 0, B, 16, 16, False, 1, PDL, LATE)
+            _tma_segment(x, x_tiles, out, wt0, ct0, et0, es0, base0, n0, pid, warp_words, stride_xb, stride_ob, B,
+                         WARPS, SLOTS, PTX, DOT_FP32, STAGES, PDL, LATE)
         if SEGMENTS >= 2:
             if seg == 1:
-                acc = _nibble_rows_tma(x, x_tiles, wt1, ct1, et1, es1, base1, n1, pid - p1, warp_words, stride_xb,
-                                       B, WARPS, SLOTS, PTX, DOT_FP32, STAGES)
-                _emit(out + n0, out, out, acc, acc, pid - p1, n1, stride_ob, 0, B, 16, 16, False, 1, PDL,
-                      LATE)
+                _tma_segment(x, x_tiles, out + n0, wt1, ct1, et1, es1, base1, n1, pid - p1, warp_words, stride_xb,
+                             stride_ob, B, WARPS, SLOTS, PTX, DOT_FP32, STAGES, PDL, LATE)
         if SEGMENTS == 3:
             if seg == 2:
-                acc = _nibble_rows_tma(x, x_tiles, wt2, ct2, et2, es2, base2, n2, pid - p2, warp_words, stride_xb,
-                                       B, WARPS, SLOTS, PTX, DOT_FP32, STAGES)
-                _emit(out + n0 + n1, out, out, acc, acc, pid - p2, n2, stride_ob, 0, B, 16, 16, False, 1,
-                      PDL, LATE)
+                _tma_segment(x, x_tiles, out + n0 + n1, wt2, ct2, et2, es2, base2, n2, pid - p2, warp_words,
+                             stride_xb, stride_ob, B, WARPS, SLOTS, PTX, DOT_FP32, STAGES, PDL, LATE)
 
 
 @triton.jit
@@ -1145,16 +1151,15 @@ def _tma_fits(x2d: torch.Tensor, weights) -> bool:
 
 def _launch_tma(x2d, weights, k, out, warps, gated):
     """_nibble_tma_kernel over `weights` (NibbleGemvWeight), `warps` a program, K unsplit."""
-    batch = x2d.shape[0]
-    x_tiles = TensorDescriptor.from_tensor(x2d.view(torch.int64).view(batch, 1, warps, k // 4 // warps),
-                                           [8, 1, warps, 32])
+    batch, warp_words = x2d.shape[0], k // 4 // warps  # x as 64-bit words of four bf16
+    x_tiles = TensorDescriptor.from_tensor(x2d.view(torch.int64).view(batch, 1, warps, warp_words), [8, 1, warps, 32])
     segments = [(*w.tma_descriptors(warps), w.escape_table.entries, w.escape_table.slots, w.base, w.shape[0])
                 for w in weights]
     rows = [w.shape[0] for w in weights]
     grid, starts, padded = _segment_grid(segments, rows, ESCAPE_TILE, gated)
     interp = interpreting()
     _nibble_tma_kernel[(grid,)](
-        x2d, x_tiles, out, *[arg for segment in padded for arg in segment], *starts, k // 4 // warps, x2d.stride(0),
+        x2d, x_tiles, out, *[arg for segment in padded for arg in segment], *starts, warp_words, x2d.stride(0),
         out.stride(0), B=batch, WARPS=warps, SLOTS=max(segment[3] for segment in segments),
         PTX=PTX_DECODE and not interp, DOT_FP32=interp, STAGES=TMA_STAGES, SEGMENTS=len(segments), GATED=gated,
         LATE=_late_trigger(True, gated, True, sum(rows) * k), num_warps=warps, num_stages=TMA_STAGES,
