@@ -758,6 +758,25 @@ def _nibble_block(
     return acc
 
 
+@triton.jit
+def _nibble_segment(
+    x, out, partials, counters, after0, after1, sign_mantissa, codes, escapes, slots, base, N, pid, words_per_row,
+    stride_xw, stride_xb, stride_ob, stride_pb, span, warp_words,
+    B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PTX: tl.constexpr,
+    SPLIT: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, LATE: tl.constexpr,
+):
+    """One matrix's rows of a _nibble_kernel launch (pid counted from its segment's first
+    program), stored in its columns of the output: after those of the segments before it
+    (`after0` + `after1` columns, added to the pointers one at a time after the loop, as the
+    inlined branches did: the same SASS as they had)."""
+    acc = _nibble_block(x, sign_mantissa, codes, escapes, slots, pid, N, words_per_row, base, stride_xw, stride_xb,
+                        span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS, PTX, PDL,
+                        EARLY, LATE)
+    _emit(out + after0 + after1, partials + after0 + after1, counters, acc, acc, pid, N, stride_ob, stride_pb, B, B_PAD,
+          BLOCK_N, False, SPLIT, PDL, LATE)
+
+
 @triton.jit(do_not_specialize=["base0", "base1", "base2"])
 def _nibble_kernel(
     x, out, partials, counters,
@@ -819,25 +838,20 @@ def _nibble_kernel(
         if not EARLY:
             _wait_for_x(PDL, LATE)
         if seg == 0:
-            acc = _nibble_block(x, sm0, codes0, et0, es0, pid, n0, words_per_row, base0, stride_xw,
-                                stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS,
-                                SLOTS, PTX, PDL, EARLY, LATE)
-            _emit(out, partials, counters, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT,
-                  PDL, LATE)
+            _nibble_segment(x, out, partials, counters, 0, 0, sm0, codes0, et0, es0, base0, n0, pid, words_per_row,
+                            stride_xw, stride_xb, stride_ob, stride_pb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN,
+                            USE_DOT, DOT_FP32, WARPS, SLOTS, PTX, SPLIT, PDL, EARLY, LATE)
         if SEGMENTS >= 2:
             if seg == 1:
-                acc = _nibble_block(x, sm1, codes1, et1, es1, pid - p1, n1, words_per_row, base1,
-                                    stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
-                                    DOT_FP32, WARPS, SLOTS, PTX, PDL, EARLY, LATE)
-                _emit(out + n0, partials + n0, counters, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD,
-                      BLOCK_N, False, SPLIT, PDL, LATE)
+                _nibble_segment(x, out, partials, counters, n0, 0, sm1, codes1, et1, es1, base1, n1, pid - p1,
+                                words_per_row, stride_xw, stride_xb, stride_ob, stride_pb, span, warp_words, B, B_PAD,
+                                BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS, PTX, SPLIT, PDL, EARLY, LATE)
         if SEGMENTS == 3:
             if seg == 2:
-                acc = _nibble_block(x, sm2, codes2, et2, es2, pid - p2, n2, words_per_row, base2,
-                                    stride_xw, stride_xb, span, warp_words, B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT,
-                                    DOT_FP32, WARPS, SLOTS, PTX, PDL, EARLY, LATE)
-                _emit(out + n0 + n1, partials + n0 + n1, counters, acc, acc, pid - p2, n2, stride_ob, stride_pb, B,
-                      B_PAD, BLOCK_N, False, SPLIT, PDL, LATE)
+                _nibble_segment(x, out, partials, counters, n0, n1, sm2, codes2, et2, es2, base2, n2,
+                                pid - p2, words_per_row, stride_xw, stride_xb, stride_ob, stride_pb, span, warp_words,
+                                B, B_PAD, BLOCK_N, BK, EVEN, USE_DOT, DOT_FP32, WARPS, SLOTS, PTX, SPLIT, PDL, EARLY,
+                                LATE)
 
 
 @triton.jit
@@ -936,6 +950,17 @@ def _plain_rows(
 
 
 @triton.jit
+def _plain_segment(x, out, partials, counters, after0, after1, weight, N, pid, K, stride_xb, stride_ob, stride_pb, span,
+                   B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+                   USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+                   LATE: tl.constexpr):
+    """_nibble_segment for _plain_kernel."""
+    acc = _plain_rows(x, weight, pid, N, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
+    _emit(out + after0 + after1, partials + after0 + after1, counters, acc, acc, pid, N, stride_ob, stride_pb, B, B_PAD,
+          BLOCK_N, False, SPLIT, PDL, LATE)
+
+
+@triton.jit
 def _plain_kernel(
     x, out, partials, counters, w0, n0, w1, n1, w2, n2, p1, p2, span, K, stride_xb, stride_ob, stride_pb,
     B: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
@@ -954,19 +979,16 @@ def _plain_kernel(
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
         _wait_for_x(PDL, LATE)
         if seg == 0:
-            acc = _plain_rows(x, w0, pid, n0, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-            _emit(out, partials, counters, acc, acc, pid, n0, stride_ob, stride_pb, B, B_PAD, BLOCK_N, False, SPLIT,
-                  PDL, LATE)
+            _plain_segment(x, out, partials, counters, 0, 0, w0, n0, pid, K, stride_xb, stride_ob, stride_pb, span, B,
+                           B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32, SPLIT, PDL, LATE)
         if SEGMENTS >= 2:
             if seg == 1:
-                acc = _plain_rows(x, w1, pid - p1, n1, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-                _emit(out + n0, partials + n0, counters, acc, acc, pid - p1, n1, stride_ob, stride_pb, B, B_PAD,
-                      BLOCK_N, False, SPLIT, PDL, LATE)
+                _plain_segment(x, out, partials, counters, n0, 0, w1, n1, pid - p1, K, stride_xb, stride_ob,
+                               stride_pb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32, SPLIT, PDL, LATE)
         if SEGMENTS == 3:
             if seg == 2:
-                acc = _plain_rows(x, w2, pid - p2, n2, K, stride_xb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32)
-                _emit(out + n0 + n1, partials + n0 + n1, counters, acc, acc, pid - p2, n2, stride_ob, stride_pb, B,
-                      B_PAD, BLOCK_N, False, SPLIT, PDL, LATE)
+                _plain_segment(x, out, partials, counters, n0, n1, w2, n2, pid - p2, K, stride_xb,
+                               stride_ob, stride_pb, span, B, B_PAD, BLOCK_N, BK, USE_DOT, DOT_FP32, SPLIT, PDL, LATE)
 
 
 def _config(n: int, k: int, batch: int, nibble: bool, gated: bool = False) -> tuple:
