@@ -36,7 +36,8 @@ SHAPES = {  # (out_features N, in_features K): the distinct linears of one block
 }
 COPIES = 4
 L2_FLUSH_BYTES = 256 << 20
-SWEEP_BATCH_SHAPES = {(2048, 2048), (2048, 5632), (1024, 4096), (4096, 4096), (14336, 4096), (4096, 14336)}
+SWEEP_BATCH_SHAPES = {(2048, 2048), (256, 2048), (2048, 5632), (1024, 4096), (4096, 4096), (14336, 4096),
+                      (4096, 14336)}
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -151,7 +152,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time block-size variants at batch 1, every shape")
     parser.add_argument("--sweep-batch", action="store_true",
                         help="also time block-size variants (tensor cores and CUDA cores) at batches 4 and 8 on "
-                             "six shapes")
+                             "seven shapes")
     args = parser.parse_args()
     rows = []
     batches = [int(b) for b in args.batches.split(",")]
@@ -164,11 +165,13 @@ def main() -> None:
                     configs = dict.fromkeys(kernels, list(itertools.product((1, 2, 4), (1024, 2048), (1, 2, 4, 8),
                                                                             (1,), (False,))))
                 elif batch in (4, 8) and args.sweep_batch and (n, k) in SWEEP_BATCH_SHAPES:
-                    # nibble: 16-row tiles, BK 128 = loads a loop turn ahead; stages 1 (registers only)
-                    configs = {"nibble": list(itertools.product((16,), (64, 128, 256), (4, 8), (1, 2, 4), (True,),
-                                                                (1,))),
+                    # tensor cores (nibble: 16-row tiles, BK 128 = loads a loop turn ahead; stages 1:
+                    # registers only) and CUDA cores (a few rows a program, each weight read once)
+                    cuda_cores = list(itertools.product((1, 2, 4), (1024, 2048), (2, 4, 8), (1,), (False,)))
+                    configs = {"nibble": list(itertools.product((16,), (64, 128, 256), (2, 4, 8), (1, 2, 4, 8),
+                                                                (True,), (1,))) + cuda_cores,
                                "triton_bf16": list(itertools.product((16, 32, 64), (64, 128, 256), (4,),
-                                                                     (1, 2, 4, 8), (True,)))}
+                                                                     (1, 2, 4, 8), (True,))) + cuda_cores}
                 r = bench_shape(made, batch, configs, kernels)
                 r["model"] = model
                 rows.append(r)

@@ -53,7 +53,7 @@ def test_fused_gemv_error_within_cublas_bound():
     from codecllm.codecs.kernels.gemv import NibbleGemvWeight, gemv
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    for n, k, batch in [(4096, 4096, 1), (1024, 4096, 8), (2048, 5632, 3)]:
+    for n, k, batch in [(4096, 4096, 1), (1024, 4096, 8), (2048, 5632, 3), (256, 2048, 8)]:  # (256: CUDA cores)
         w = gaussian_weights(n * k, seed=n).view(n, k).cuda()
         x = torch.randn(batch, k, device="cuda", generator=g).bfloat16()
         ref = x.double() @ w.double().T
