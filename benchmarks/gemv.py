@@ -166,12 +166,16 @@ def main() -> None:
                                                                             (1,), (False,))))
                 elif batch in (4, 8) and args.sweep_batch and (n, k) in SWEEP_BATCH_SHAPES:
                     # tensor cores (nibble: 16-row tiles, BK 128 = loads a loop turn ahead; stages 1:
-                    # registers only) and CUDA cores (a few rows a program, each weight read once)
-                    cuda_cores = list(itertools.product((1, 2, 4), (1024, 2048), (2, 4, 8), (1,), (False,)))
-                    configs = {"nibble": list(itertools.product((16,), (64, 128, 256), (2, 4, 8), (1, 2, 4, 8),
-                                                                (True,), (1,))) + cuda_cores,
+                    # registers only; 2 warps and K split 8 at BK 128) and CUDA cores (a few rows a
+                    # program, each weight read once): session 28's scratch/small_sweep.py set
+                    nibble_tc = list(itertools.product((16,), (64, 128, 256), (4, 8), (1, 2, 4), (True,), (1,)))
+                    nibble_tc += [(16, 128, 2, s, True, 1) for s in (1, 2, 4, 8)] + [(16, 128, w, 8, True, 1)
+                                                                                      for w in (4, 8)]
+                    configs = {"nibble": nibble_tc + list(itertools.product((1, 2), (1024, 2048), (2, 4, 8), (1,),
+                                                                            (False,))),
                                "triton_bf16": list(itertools.product((16, 32, 64), (64, 128, 256), (4,),
-                                                                     (1, 2, 4, 8), (True,))) + cuda_cores}
+                                                                     (1, 2, 4, 8), (True,)))
+                               + list(itertools.product((1, 2, 4), (1024, 2048), (4,), (1,), (False,)))}
                 r = bench_shape(made, batch, configs, kernels)
                 r["model"] = model
                 rows.append(r)
