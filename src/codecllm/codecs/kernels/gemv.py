@@ -855,14 +855,15 @@ def _nibble_kernel(
 
 
 @triton.jit
-def _tma_segment(x, x_tiles, out, word_tiles, code_tiles, escapes, slots, base, N, pid, warp_words, stride_xb,
-                 stride_ob, B: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PTX: tl.constexpr,
+def _tma_segment(x, x_tiles, out, after0, after1, word_tiles, code_tiles, escapes, slots, base, N, pid, warp_words,
+                 stride_xb, stride_ob, B: tl.constexpr, WARPS: tl.constexpr, SLOTS: tl.constexpr, PTX: tl.constexpr,
                  DOT_FP32: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr):
-    """One matrix's rows pid * 16... of a _nibble_tma_kernel launch (pid counted from its
-    segment's first program), stored in its columns of the output (`out`: the first of them)."""
+    """_nibble_segment for _nibble_tma_kernel: one matrix's rows pid * 16... (pid counted from its
+    segment's first program), stored after the `after0` + `after1` columns of the segments before."""
     acc = _nibble_rows_tma(x, x_tiles, word_tiles, code_tiles, escapes, slots, base, N, pid, warp_words, stride_xb,
                            B, WARPS, SLOTS, PTX, DOT_FP32, STAGES)
-    _emit(out, out, out, acc, acc, pid, N, stride_ob, 0, B, 16, 16, False, 1, PDL, LATE)
+    where = out + after0 + after1
+    _emit(where, where, where, acc, acc, pid, N, stride_ob, 0, B, 16, 16, False, 1, PDL, LATE)
 
 
 @triton.jit(do_not_specialize=["base0", "base1", "base2"])
@@ -891,15 +892,15 @@ def _nibble_tma_kernel(
     else:
         seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
         if seg == 0:
-            _tma_segment(x, x_tiles, out, wt0, ct0, et0, es0, base0, n0, pid, warp_words, stride_xb, stride_ob, B,
-                         WARPS, SLOTS, PTX, DOT_FP32, STAGES, PDL, LATE)
+            _tma_segment(x, x_tiles, out, 0, 0, wt0, ct0, et0, es0, base0, n0, pid, warp_words, stride_xb, stride_ob,
+                         B, WARPS, SLOTS, PTX, DOT_FP32, STAGES, PDL, LATE)
         if SEGMENTS >= 2:
             if seg == 1:
-                _tma_segment(x, x_tiles, out + n0, wt1, ct1, et1, es1, base1, n1, pid - p1, warp_words, stride_xb,
+                _tma_segment(x, x_tiles, out, n0, 0, wt1, ct1, et1, es1, base1, n1, pid - p1, warp_words, stride_xb,
                              stride_ob, B, WARPS, SLOTS, PTX, DOT_FP32, STAGES, PDL, LATE)
         if SEGMENTS == 3:
             if seg == 2:
-                _tma_segment(x, x_tiles, out + n0 + n1, wt2, ct2, et2, es2, base2, n2, pid - p2, warp_words,
+                _tma_segment(x, x_tiles, out, n0, n1, wt2, ct2, et2, es2, base2, n2, pid - p2, warp_words,
                              stride_xb, stride_ob, B, WARPS, SLOTS, PTX, DOT_FP32, STAGES, PDL, LATE)
 
 
@@ -1089,8 +1090,7 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         scalars = (span // 4 // warps if use_dot else 0, k // 4, x2d.stride(0) // 4)
         flags["EVEN"] = all(n % block_n == 0 for n in rows) and k % (span if use_dot else bk) == 0
         flags["WARPS"] = warps
-        flags["SLOTS"] = max(segment[3] for segment in segments)  # the widest of the tables
-        flags["PTX"] = PTX_DECODE and not interpreting() and torch.version.hip is None  # NVIDIA PTX only
+        flags.update(_nibble_flags(segments))
         # the programs load their first turn of weights before they wait for x: on CUDA cores
         # (_nibble_rows), and on tensor cores with two MMA steps a loop turn (_nibble_rows_dot)
         flags["EARLY"] = not use_dot or bk == 128
@@ -1112,6 +1112,14 @@ def _launch(kernel, x2d, segments, k, out, config, nibble, gated):
         LATE=_late_trigger(nibble, gated, use_dot, sum(rows) * k), **pdl.launch_options(out.device),
     )
     return out
+
+
+def _nibble_flags(segments) -> dict:
+    """What both nibble kernels take from a launch's matrices (segments: their argument tuples,
+    escape-table slots fourth): the widest of their tables, and whether weights decode by PTX byte
+    permutes (NVIDIA GPUs only; the interpreter and ROCm run the integer form)."""
+    return {"SLOTS": max(segment[3] for segment in segments),
+            "PTX": PTX_DECODE and not interpreting() and torch.version.hip is None}
 
 
 def _segment_grid(segments, rows, block_n, gated):
@@ -1181,13 +1189,11 @@ def _launch_tma(x2d, weights, k, out, warps, gated):
                 for w in weights]
     rows = [w.shape[0] for w in weights]
     grid, starts, padded = _segment_grid(segments, rows, ESCAPE_TILE, gated)
-    interp = interpreting()
     _nibble_tma_kernel[(grid,)](
         x2d, x_tiles, out, *[arg for segment in padded for arg in segment], *starts, warp_words, x2d.stride(0),
-        out.stride(0), B=batch, WARPS=warps, SLOTS=max(segment[3] for segment in segments),
-        PTX=PTX_DECODE and not interp, DOT_FP32=interp, STAGES=TMA_STAGES, SEGMENTS=len(segments), GATED=gated,
-        LATE=_late_trigger(True, gated, True, sum(rows) * k), num_warps=warps, num_stages=TMA_STAGES,
-        **pdl.launch_options(out.device))
+        out.stride(0), B=batch, WARPS=warps, **_nibble_flags(segments), DOT_FP32=interpreting(), STAGES=TMA_STAGES,
+        SEGMENTS=len(segments), GATED=gated, LATE=_late_trigger(True, gated, True, sum(rows) * k), num_warps=warps,
+        num_stages=TMA_STAGES, **pdl.launch_options(out.device))
     return out
 
 
